@@ -1,0 +1,114 @@
+"""Entry point: ``python -m afd_jax.main --config=configs/tiny.py --workdir=DIR``.
+
+Modes (``config.mode``): ``rollout`` samples videos from the causal student (random or loaded
+from ``config.model.checkpoint``) and writes them to ``DIR/samples`` with a ``DIR/rollout.json``
+summary. Training modes arrive with the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from afd_jax import rollout as rollout_lib
+from afd_jax import video
+from afd_jax.models import wan
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training/sampling config.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+MODES = ("rollout",)
+
+
+def log_environment():
+  import flax
+  import optax
+  import orbax.checkpoint as ocp
+  logging.info("jax %s, jaxlib %s, flax %s, optax %s, orbax %s", jax.__version__,
+               jax.lib.__version__ if hasattr(jax.lib, "__version__") else "?", flax.__version__,
+               optax.__version__, getattr(ocp, "__version__", "?"))
+  logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+
+
+def build_student(config) -> wan.WanModel:
+  runtime = dict(dtype=config.model.dtype, attention_kernel=config.model.attention_kernel,
+                 scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy)
+  if config.model.checkpoint:
+    return wan.from_pretrained(config.model.checkpoint, **runtime)
+  return wan.init(wan.preset(config.model.preset, **runtime), seed=config.seed)
+
+
+def rollout_config(config) -> rollout_lib.RolloutConfig:
+  r = config.rollout
+  return rollout_lib.RolloutConfig(
+      chunk_frames=r.chunk_frames, denoising_steps=tuple(r.denoising_steps), shift=r.shift,
+      window_frames=r.window_frames or None, sink_frames=r.sink_frames)
+
+
+def run_rollout(config, workdir: Path) -> dict:
+  r = config.rollout
+  model = build_student(config)
+  cfg = model.config
+  rcfg = rollout_config(config)
+  rollout_lib.plan_cache(r.num_frames, rcfg)  # validates frames / window before compiling
+  latent_shape = (r.num_frames, r.height, r.width, cfg.in_dim)
+  model._check_latents(jnp.zeros((1, *latent_shape)), "rollout latents")
+
+  key = jax.random.key(config.seed)
+  k_noise, k_text, k_steps = jax.random.split(key, 3)
+  noise = rollout_lib.sample_noise(k_noise, r.batch_size, latent_shape)
+  context = jax.random.normal(k_text, (r.batch_size, r.text_length, cfg.text_dim), jnp.float32)
+  graphdef, params = nnx.split(model)
+  fn = rollout_lib.make_rollout(graphdef, rcfg)
+
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, noise, context, k_steps).compile()
+  compile_s = time.perf_counter() - t0
+  logging.info("rollout compiled in %.1fs", compile_s)
+  t0 = time.perf_counter()
+  latents = jax.block_until_ready(compiled(params, noise, context, k_steps))
+  run_s = time.perf_counter() - t0
+  chunks = r.num_frames // r.chunk_frames
+  logging.info("rollout of %d videos x %d chunks x %d steps in %.2fs (%.1f chunks/s)",
+               r.batch_size, chunks, len(rcfg.denoising_steps), run_s, r.batch_size * chunks / run_s)
+
+  lat = np.asarray(latents)
+  if not np.isfinite(lat).all():
+    raise FloatingPointError("the rollout produced non-finite latents.")
+  samples = workdir / "samples"
+  frames = np.stack([video.latents_to_frames(v, upscale=config.output.upscale) for v in lat])
+  gif = video.write_gif(video.tile(frames), samples / "rollout.gif", fps=config.output.fps)
+  np.save(samples / "rollout_latents.npy", lat)
+  summary = {"mode": "rollout", "model": cfg.architecture(), "latent_shape": list(lat.shape),
+             "timesteps": [float(t) for t in rcfg.timesteps()], "compile_seconds": compile_s,
+             "rollout_seconds": run_s, "video": str(gif), "latent_mean": float(lat.mean()),
+             "latent_std": float(lat.std())}
+  (workdir / "rollout.json").write_text(json.dumps(summary, indent=2))
+  print(f"wrote {gif} ({lat.shape[0]} videos, {lat.shape[1]} latent frames) in {run_s:.2f}s "
+        f"after a {compile_s:.1f}s compile; summary in {workdir / 'rollout.json'}")
+  return summary
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config.mode not in MODES:
+    raise app.UsageError(f"config.mode={config.mode!r} is not one of {MODES}.")
+  workdir = Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log_environment()
+  logging.info("config:\n%s", config)
+  run_rollout(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,222 @@
+"""Attention kernels and the causal layouts of the Wan student, behind one interface.
+
+Two layers, kept apart on purpose:
+
+* **Kernels** compute plain, unmasked softmax attention ``softmax(q k^T / sqrt(D)) v`` over
+  ``q [B, Nq, H, D]`` and ``k, v [B, Nk, H, D]``: ``dense`` (einsum, fp32 softmax; the ground truth
+  and the CPU path), ``cudnn`` (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPU,
+  and ``splash`` (the Pallas splash kernel) on TPU. ``auto`` picks by backend and dtype.
+* **Layouts** express every causal pattern the student needs as *static slices* of the keys:
+  chunk ``b`` of a block-causal sequence attends to the key prefix that ends with its own chunk, a
+  teacher-forcing noisy chunk to the clean prefix plus itself, a KV-cache chunk to the cache plus
+  itself. No mask is ever built, every kernel runs maskless on exactly the work needed, and a
+  video of C chunks costs the block-causal minimum (C+1)/(2C) of a bidirectional pass.
+
+The boolean ``*_mask`` helpers at the end build the same patterns as explicit ``[Nq, Nk]`` masks.
+They exist only as an independent reference for tests and for running a PyTorch model with the
+identical mask; nothing on an accelerator uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNELS = ("auto", "dense", "cudnn", "splash")
+MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def dense_attention(q, k, v):
+  """Reference kernel: fp32 logits and softmax, output in the dtype of ``q``."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def cudnn_attention(q, k, v):
+  """cuDNN flash attention (GPU, bf16/fp16 only)."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(
+        f"attention kernel 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set the model "
+        "dtype to bfloat16 or use attention kernel 'dense'.")
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+_SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  mask = sm.MultiHeadMask([sm.FullMask((q_len, kv_len)) for _ in range(num_heads)])
+  block = sk.BlockSizes(
+      block_q=_SPLASH_BLOCK, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
+      block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK, block_kv_dkv_compute=_SPLASH_BLOCK,
+      block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
+  return sk.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, block_sizes=block)
+
+
+def splash_attention(q, k, v):
+  """Pallas splash attention (TPU). Lengths are padded to the block size; padded keys are masked
+  with segment ids, so any Wan chunk length (4,680 tokens, not a multiple of 128) is exact."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  pq, pk = -nq % _SPLASH_BLOCK, -nk % _SPLASH_BLOCK
+  scale = 1.0 / math.sqrt(d)
+  to_heads_first = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  qh, kh, vh = to_heads_first(q * scale, pq), to_heads_first(k, pk), to_heads_first(v, pk)
+  seg = sk.SegmentIds(
+      q=jnp.concatenate([jnp.zeros(nq, jnp.int32), jnp.ones(pq, jnp.int32)]),
+      kv=jnp.concatenate([jnp.zeros(nk, jnp.int32), jnp.full(pk, 2, jnp.int32)]))
+  kernel = _splash_kernel(h, nq + pq, nk + pk)
+  out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(qh, kh, vh)
+  return out.transpose(0, 2, 1, 3)[:, :nq].astype(q.dtype)
+
+
+def resolve_kernel(kernel: str, dtype) -> str:
+  """Maps ``auto`` to the fast kernel of the current backend; validates explicit choices."""
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}.")
+  if kernel != "auto":
+    return kernel
+  backend = jax.default_backend()
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  if backend == "tpu":
+    return "splash"
+  return "dense"
+
+
+def attend(q, k, v, kernel: str = "auto"):
+  """Unmasked attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` with the chosen kernel."""
+  name = resolve_kernel(kernel, q.dtype)
+  return {"dense": dense_attention, "cudnn": cudnn_attention, "splash": splash_attention}[name](q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static description of a self-attention pattern over a video token sequence.
+
+  ``chunk_tokens`` is the number of tokens in one chunk (chunk_frames x tokens per frame).
+  ``window_tokens`` (optional) is the total number of tokens a chunk may see, its own chunk and the
+  ``sink_tokens`` leading tokens included (LongLive-style local attention with an attention sink).
+  """
+
+  mode: str = "bidirectional"
+  chunk_tokens: int = 0
+  window_tokens: int | None = None
+  sink_tokens: int = 0
+  kernel: str = "auto"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {MODES}.")
+    if self.mode in ("block_causal", "teacher_forcing") and self.chunk_tokens <= 0:
+      raise ValueError(f"attention mode {self.mode!r} needs a positive chunk size.")
+
+  def key_ranges(self, chunk: int) -> list[tuple[int, int]]:
+    """Token ranges ``[start, end)`` of the (clean) keys that chunk ``chunk`` attends to."""
+    end = (chunk + 1) * self.chunk_tokens
+    if self.window_tokens is None:
+      return [(0, end)]
+    recent = max(self.sink_tokens, end - (self.window_tokens - self.sink_tokens))
+    ranges = [(0, min(self.sink_tokens, end))] if self.sink_tokens else []
+    return ranges + [(recent, end)] if recent < end else ranges
+
+  def __call__(self, q, k, v, cache=None):
+    """Applies the pattern. ``cache`` is ``(k, v)`` of earlier tokens in ``kv_cache`` mode."""
+    if self.mode == "bidirectional":
+      return attend(q, k, v, self.kernel)
+    if self.mode == "kv_cache":
+      if cache is None:
+        return attend(q, k, v, self.kernel)
+      ck, cv = cache
+      return attend(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), self.kernel)
+    if self.mode == "block_causal":
+      return self._block_causal(q, k, v)
+    return self._teacher_forcing(q, k, v)
+
+  def _num_chunks(self, n: int) -> int:
+    if n % self.chunk_tokens:
+      raise ValueError(f"{n} tokens are not a whole number of {self.chunk_tokens}-token chunks.")
+    return n // self.chunk_tokens
+
+  def _gather(self, x, chunk):
+    parts = [x[:, a:b] for a, b in self.key_ranges(chunk)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, 1)
+
+  def _block_causal(self, q, k, v):
+    c = self.chunk_tokens
+    outs = [attend(q[:, i * c:(i + 1) * c], self._gather(k, i), self._gather(v, i), self.kernel)
+            for i in range(self._num_chunks(q.shape[1]))]
+    return jnp.concatenate(outs, 1)
+
+  def _teacher_forcing(self, q, k, v):
+    """Sequence ``[clean ; noisy]``: clean chunk j sees clean chunks <= j; noisy chunk j sees clean
+    chunks < j and noisy chunk j."""
+    n = q.shape[1] // 2
+    c = self.chunk_tokens
+    clean = self._block_causal(q[:, :n], k[:, :n], v[:, :n])
+    outs = []
+    for i in range(self._num_chunks(n)):
+      own = slice(n + i * c, n + (i + 1) * c)
+      prev = [(a, b) for a, b in self.key_ranges(i) if a < i * c]
+      ks = [k[:, a:min(b, i * c)] for a, b in prev] + [k[:, own]]
+      vs = [v[:, a:min(b, i * c)] for a, b in prev] + [v[:, own]]
+      outs.append(attend(q[:, own], jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), self.kernel))
+    return jnp.concatenate([clean] + outs, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference masks (tests and PyTorch parity only).
+
+
+def block_causal_mask(num_tokens: int, chunk_tokens: int, window_tokens: int | None = None,
+                      sink_tokens: int = 0) -> np.ndarray:
+  """``[N, N]`` boolean mask: query q may see key k (Self-Forcing's block-causal rule)."""
+  q = np.arange(num_tokens)[:, None]
+  k = np.arange(num_tokens)[None, :]
+  end = (q // chunk_tokens + 1) * chunk_tokens
+  allowed = k < end
+  if window_tokens is not None:
+    allowed &= (k < sink_tokens) | (k >= end - (window_tokens - sink_tokens))
+  return allowed
+
+
+def teacher_forcing_mask(num_tokens: int, chunk_tokens: int) -> np.ndarray:
+  """``[2N, 2N]`` mask over ``[clean ; noisy]`` (Self-Forcing ``_prepare_teacher_forcing_mask``)."""
+  idx = np.arange(num_tokens)
+  chunk = idx // chunk_tokens
+  clean_clean = chunk[:, None] >= chunk[None, :]
+  noisy_clean = chunk[:, None] > chunk[None, :]
+  noisy_noisy = chunk[:, None] == chunk[None, :]
+  none = np.zeros_like(clean_clean)
+  return np.block([[clean_clean, none], [noisy_clean, noisy_noisy]])
+
+
+def masked_dense_attention(q, k, v, mask):
+  """Dense attention with an explicit ``[Nq, Nk]`` boolean mask (reference for the layouts)."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(jnp.asarray(mask)[None, None], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)

@@ -1,0 +1,149 @@
+"""Self-Forcing's chunk-wise few-step sampler with a fixed-capacity KV cache, as one jitted function.
+
+For chunk ``b`` (``chunk_frames`` latent frames): start from the initial noise; for each warped
+timestep ``t_q`` predict the velocity against the cache, take ``x0 = x - s_q v``, and, except after
+the last step, re-noise with *fresh* noise to ``s_{q+1}``. The chunk's output is the last ``x0``.
+A ``t = 0`` pass over that clean chunk then commits its post-RoPE K/V to the cache; later chunks
+attend to the committed K/V and to themselves. Text K/V are computed once.
+
+Static structure, so the whole video compiles once per input shape: the chunk loop is unrolled in
+Python over static cache slices (C executables' worth of shapes inside one program, no masks, no
+wasted attention work), the denoising steps of a chunk run under ``lax.scan``, and the cache is a
+fixed-capacity buffer written with static slices (in place inside the program).
+
+With ``window_frames`` (LongLive-style local attention) the cache holds ``sink_frames`` sink
+frames plus a ring of ``window_frames - sink_frames - chunk_frames`` recent frames, so videos longer
+than the cache roll through it. Keys carry absolute RoPE positions, so slot order does not matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afd_jax import flow
+from afd_jax.models import wan
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  chunk_frames: int = 3
+  denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+  shift: float = 5.0
+  warp: bool = True
+  commit_timestep: float = 0.0
+  commit_last_chunk: bool = False
+  window_frames: int | None = None
+  sink_frames: int = 0
+
+  def timesteps(self) -> np.ndarray:
+    steps = np.asarray(self.denoising_steps, np.float32)
+    return flow.warped_timesteps(steps, self.shift) if self.warp else steps
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+  """Where each chunk reads and writes in the cache buffer, in frames (all static)."""
+
+  capacity_frames: int
+  reads: tuple[int, ...]          # chunk b attends to cache frames [0, reads[b])
+  writes: tuple[int | None, ...]  # chunk b commits to cache frames [writes[b], writes[b] + f)
+
+
+def plan_cache(num_frames: int, cfg: RolloutConfig) -> CachePlan:
+  f = cfg.chunk_frames
+  if num_frames % f:
+    raise ValueError(f"{num_frames} latent frames are not a multiple of chunk_frames={f}.")
+  chunks = num_frames // f
+  last_write = chunks if cfg.commit_last_chunk else chunks - 1
+  if not cfg.window_frames:
+    if cfg.sink_frames:
+      raise ValueError("sink_frames only applies together with window_frames.")
+    reads = tuple(b * f for b in range(chunks))
+    writes = tuple(b * f if b < last_write else None for b in range(chunks))
+    return CachePlan(max(last_write * f, 0), reads, writes)
+  wan.check_window(cfg.window_frames, cfg.sink_frames, f)
+  sink, ring = cfg.sink_frames, cfg.window_frames - cfg.sink_frames - f
+  reads, writes = [], []
+  for b in range(chunks):
+    start = b * f
+    reads.append(min(start, sink + ring))
+    if b >= last_write:
+      writes.append(None)
+    elif start < sink:
+      writes.append(start)
+    else:
+      writes.append(sink + (start - sink) % ring if ring else None)
+  return CachePlan(sink + ring, tuple(reads), tuple(writes))
+
+
+def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = RolloutConfig(),
+            return_intermediates: bool = False):
+  """Samples clean latents ``[B, F, H, W, C]`` chunk by chunk from initial ``noise`` of that shape.
+
+  ``key`` draws the fresh noise between steps. With ``return_intermediates`` also returns
+  ``{"inputs", "velocities"}`` of shape ``[S, B, F, H, W, C]``: the model input and prediction at
+  every denoising step (chunk b's entries at frames of chunk b).
+  """
+  mcfg = model.config
+  b, num_frames, h, w, _ = noise.shape
+  f = cfg.chunk_frames
+  plan = plan_cache(num_frames, cfg)
+  ts = jnp.asarray(cfg.timesteps())
+  sigmas = flow.timestep_to_sigma(ts)
+  next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), jnp.float32)])
+  tokens = (h // mcfg.patch_size[1]) * (w // mcfg.patch_size[2]) * f // mcfg.patch_size[0]
+  per_frame = tokens // f
+  text = model.text_kv(context)
+  shape = (mcfg.num_layers, b, plan.capacity_frames * per_frame, mcfg.num_heads, mcfg.head_dim)
+  cache = wan.KV(jnp.zeros(shape, mcfg.dtype), jnp.zeros(shape, mcfg.dtype))
+
+  outputs, inputs, velocities = [], [], []
+  for chunk in range(num_frames // f):
+    start = chunk * f
+    n_read = plan.reads[chunk] * per_frame
+    ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
+
+    def denoise(x, step, chunk=chunk, start=start, ctx=ctx):
+      t, s, s_next, k = step
+      v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start)
+      x0 = flow.x0_from_velocity(x, v, s)
+      fresh = jax.random.normal(k, x.shape, x.dtype)
+      x_next = jnp.where(s_next > 0, flow.add_noise(x0, fresh, s_next), x0)
+      return x_next, (x0, x, v)
+
+    keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
+    _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f], (ts, sigmas, next_sigmas, keys))
+    clean = x0s[-1]
+    outputs.append(clean)
+    inputs.append(xs)
+    velocities.append(vs)
+    if plan.writes[chunk] is not None:
+      _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start)
+      slot = plan.writes[chunk] * per_frame
+      cache = wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
+                       for c, n in zip(cache, kv)))
+  latents = jnp.concatenate(outputs, 1)
+  if not return_intermediates:
+    return latents
+  return latents, {"inputs": jnp.concatenate(inputs, 2), "velocities": jnp.concatenate(velocities, 2)}
+
+
+def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
+                 return_intermediates: bool = False):
+  """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state."""
+
+  def fn(params, noise, context, key):
+    return rollout(nnx.merge(graphdef, params), noise, context, key, cfg, return_intermediates)
+
+  return jax.jit(fn)
+
+
+def sample_noise(key, batch: int, latent_shape: Sequence[int]):
+  """Initial Gaussian noise ``[B, F, H, W, C]`` for a rollout."""
+  return jax.random.normal(key, (batch, *latent_shape), jnp.float32)

@@ -1,0 +1,33 @@
+"""afd_jax: on-policy Adversarial Flow Distillation for autoregressive video, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="afd_jax",
+    version="0.1.0",
+    description="Adversarial Flow Distillation of black-box video teachers into causal Wan2.1 "
+                "students, in JAX/Flax NNX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["afd_jax", "afd_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "einops>=0.8",
+        "tensorflow-datasets>=4.9.9",
+        "ml-collections>=1.1",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "ml-dtypes>=0.5",
+        "safetensors>=0.4",
+        "pillow>=10",
+    ],
+    extras_require={
+        # torch only to read Self-Forcing / CausVid .pt files; the pinned CPU build keeps CUDA out.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1"],
+    },
+)
