@@ -40,6 +40,7 @@ class RolloutConfig:
   commit_last_chunk: bool = False
   window_frames: int | None = None
   sink_frames: int = 0
+  unroll_steps: bool = False  # unrolled steps: longer compile, exact XLA cost analysis
 
   def timesteps(self) -> np.ndarray:
     steps = np.asarray(self.denoising_steps, np.float32)
@@ -118,7 +119,8 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
       return x_next, (x0, x, v)
 
     keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
-    _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f], (ts, sigmas, next_sigmas, keys))
+    _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f], (ts, sigmas, next_sigmas, keys),
+                                   unroll=cfg.unroll_steps)
     clean = x0s[-1]
     outputs.append(clean)
     inputs.append(xs)

@@ -544,9 +544,15 @@ def check_window(window_frames: int, sink_frames: int, chunk_frames: int):
 # Construction and loading.
 
 
-def init(cfg: WanConfig, seed: int = 0) -> WanModel:
-  """A freshly initialised model (Wan's initialisation: Xavier linears, zero head)."""
-  return WanModel(cfg, rngs=nnx.Rngs(seed))
+def init(cfg: WanConfig, seed: int = 0, shardings=None) -> WanModel:
+  """A freshly initialised model (Wan's initialisation: Xavier linears, zero head).
+
+  Initialisation runs as one jitted program; ``shardings`` (a tree matching the state) places
+  each parameter directly where it belongs, without a host copy.
+  """
+  graphdef = nnx.graphdef(abstract(cfg))
+  make = jax.jit(lambda: nnx.state(WanModel(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)
+  return nnx.merge(graphdef, make())
 
 
 def abstract(cfg: WanConfig) -> WanModel:

@@ -1,0 +1,59 @@
+"""CPU test setup: 8 fake devices (set before jax is imported), tiny models, shared helpers."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from afd_jax.models import wan  # noqa: E402
+
+
+def randomize(model: wan.WanModel, seed: int = 0, scale: float = 0.05) -> wan.WanModel:
+  """Perturbs every parameter (zero head, unit norms, zero biases included) so that every term
+  of the network shows up in the output and parity tests cannot pass by accident."""
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+  state = jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+_STATIC = ("attention", "chunk_frames", "window_frames", "sink_frames")
+
+
+def jitted(model, method: str = "__call__"):
+  """``model.method`` as one jitted program (eager NNX dispatch is slow on 2 CPU cores)."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda s, *a, **kw: getattr(nnx.merge(graphdef, s), method)(*a, **kw),
+               static_argnames=_STATIC)
+  return lambda *a, **kw: fn(state, *a, **kw)
+
+
+def rel_l2(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  return wan.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+  return randomize(wan.init(tiny_cfg, seed=0))
+
+
+@pytest.fixture(scope="session")
+def inputs(tiny_cfg):
+  """Latents [2, 6, 4, 6, 16] (two 3-frame chunks of 6 tokens per frame) and a text context."""
+  rng = np.random.default_rng(42)
+  latents = jnp.asarray(rng.standard_normal((2, 6, 4, 6, tiny_cfg.in_dim)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((2, 7, tiny_cfg.text_dim)), jnp.float32)
+  return latents, context

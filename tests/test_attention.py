@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afd_jax.models import attention as A
+
+
+def _qkv(n, seed=0, b=2, h=2, d=8):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (b, n, h, d)) for k in ks]
+
+
+def test_dense_kernel_is_softmax_attention():
+  q, k, v = _qkv(5)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(A.dense_attention(q, k, v), np.einsum("bhqk,bkhd->bqhd", p, v),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("window,sink", [(None, 0), (12, 0), (12, 4), (16, 4)])
+def test_block_causal_layout_equals_masked_reference(window, sink):
+  q, k, v = _qkv(24)
+  layout = A.Layout("block_causal", chunk_tokens=4, window_tokens=window, sink_tokens=sink,
+                    kernel="dense")
+  mask = A.block_causal_mask(24, 4, window, sink)
+  np.testing.assert_allclose(layout(q, k, v), A.masked_dense_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_block_causal_mask_matches_self_forcing_rule():
+  mask = A.block_causal_mask(6, 2)
+  expected = np.array([[1, 1, 0, 0, 0, 0]] * 2 + [[1, 1, 1, 1, 0, 0]] * 2 + [[1] * 6] * 2, bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_teacher_forcing_layout_equals_masked_reference():
+  q, k, v = _qkv(2 * 12)
+  layout = A.Layout("teacher_forcing", chunk_tokens=4, kernel="dense")
+  mask = A.teacher_forcing_mask(12, 4)
+  np.testing.assert_allclose(layout(q, k, v), A.masked_dense_attention(q, k, v, mask), atol=1e-5)
+  # Noisy chunk 1 sees clean chunk 0 and itself only.
+  assert mask[12 + 4].nonzero()[0].tolist() == [0, 1, 2, 3, 16, 17, 18, 19]
+
+
+def test_kv_cache_layout_concatenates_the_cache():
+  q, k, v = _qkv(4)
+  ck, cv, _ = _qkv(8, seed=1)
+  out = A.Layout("kv_cache", kernel="dense")(q, k, v, (ck, cv))
+  ref = A.dense_attention(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1))
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_bad_kernel_mode_and_chunking_are_refused():
+  with pytest.raises(ValueError, match="unknown attention kernel"):
+    A.attend(*_qkv(4), kernel="flash3")
+  with pytest.raises(ValueError, match="unknown attention mode"):
+    A.Layout("causal")
+  with pytest.raises(ValueError, match="positive chunk size"):
+    A.Layout("block_causal")
+  with pytest.raises(ValueError, match="whole number"):
+    A.Layout("block_causal", chunk_tokens=5, kernel="dense")(*_qkv(12))
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    A.cudnn_attention(*_qkv(4))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU choice")
+def test_auto_kernel_on_cpu_is_dense():
+  assert A.resolve_kernel("auto", jnp.bfloat16) == A.resolve_kernel("auto", jnp.float32) == "dense"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_matches_dense_on_gpu():
+  q, k, v = [x.astype(jnp.bfloat16) for x in _qkv(300, d=64)]
+  ref = A.dense_attention(*[x.astype(jnp.float32) for x in (q, k, v)])
+  np.testing.assert_allclose(A.cudnn_attention(q, k, v).astype(jnp.float32), ref, atol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="splash attention needs a TPU")
+def test_splash_matches_dense_on_tpu():
+  q, k, v = [x.astype(jnp.bfloat16) for x in _qkv(300, d=128)]
+  ref = A.dense_attention(*[x.astype(jnp.float32) for x in (q, k, v)])
+  np.testing.assert_allclose(A.splash_attention(q, k, v).astype(jnp.float32), ref, atol=2e-2)
