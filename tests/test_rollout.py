@@ -1,0 +1,91 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from afd_jax import flow
+from afd_jax import rollout as R
+from conftest import jitted
+
+B = 2
+
+
+def _run(model, cfg, frames, seed=0):
+  rng = np.random.default_rng(seed)
+  noise = jnp.asarray(rng.standard_normal((B, frames, 4, 6, 16)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((B, 7, model.config.text_dim)), jnp.float32)
+  graphdef, state = nnx.split(model)
+  fn = R.make_rollout(graphdef, cfg, return_intermediates=True)
+  latents, inter = fn(state, noise, context, jax.random.key(seed))
+  return fn, (state, noise, context), latents, inter
+
+
+def _assert_matches_full_forward(model, cfg, latents, inter, **window):
+  """Every step of every chunk equals a full-sequence block-causal forward whose history is the
+  committed clean output at t = 0 (wan_reference.md section 8.4)."""
+  fwd = jitted(model)
+  ts = cfg.timesteps()
+  f = cfg.chunk_frames
+  for step, t in enumerate(ts):
+    for chunk in range(latents.shape[1] // f):
+      s = slice(chunk * f, chunk * f + f)
+      x = jnp.concatenate([latents[:, :chunk * f], inter["inputs"][step][:, s]], 1)
+      tt = jnp.concatenate([jnp.zeros((B, chunk * f)), jnp.full((B, f), t)], 1)
+      ref = fwd(x, tt, inter["context"], attention="block_causal", chunk_frames=f, **window)
+      np.testing.assert_allclose(inter["velocities"][step][:, s], ref[:, s], atol=2e-5)
+
+
+def test_rollout_equals_block_causal_forward_chunk_by_chunk(tiny_model):
+  cfg = R.RolloutConfig()
+  fn, args, latents, inter = _run(tiny_model, cfg, 9)
+  inter["context"] = args[2]
+  assert latents.shape == (B, 9, 4, 6, 16) and np.isfinite(np.asarray(latents)).all()
+  _assert_matches_full_forward(tiny_model, cfg, latents, inter)
+  # The first input of each chunk is the initial noise; the output is the last clean estimate.
+  np.testing.assert_array_equal(inter["inputs"][0], args[1])
+  s_last = flow.timestep_to_sigma(cfg.timesteps()[-1])
+  np.testing.assert_allclose(
+      latents, flow.x0_from_velocity(inter["inputs"][-1], inter["velocities"][-1], s_last),
+      atol=1e-6)
+
+
+def test_rolling_window_cache_equals_windowed_block_causal(tiny_model):
+  cfg = R.RolloutConfig(window_frames=12, sink_frames=3)
+  plan = R.plan_cache(18, cfg)
+  # 3 sink frames + a 6-frame ring that wraps: chunk 3 overwrites chunk 1's slot.
+  assert plan.capacity_frames == 9 and plan.writes == (0, 3, 6, 3, 6, None)
+  fn, args, latents, inter = _run(tiny_model, cfg, 18)
+  inter["context"] = args[2]
+  _assert_matches_full_forward(tiny_model, cfg, latents, inter, window_frames=12, sink_frames=3)
+
+
+def test_rollout_compiles_once(tiny_model):
+  cfg = R.RolloutConfig()
+  fn, (state, noise, context), first, _ = _run(tiny_model, cfg, 9)
+  second, _ = fn(state, noise + 1.0, context * 2.0, jax.random.key(7))
+  assert fn._cache_size() == 1
+  assert not np.allclose(first, second)
+
+
+def test_fresh_noise_between_steps_comes_from_the_key(tiny_model):
+  cfg = R.RolloutConfig()
+  fn, (state, noise, context), first, _ = _run(tiny_model, cfg, 9)
+  again, _ = fn(state, noise, context, jax.random.key(0))
+  other, _ = fn(state, noise, context, jax.random.key(1))
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, other)
+
+
+def test_cache_plans_and_bad_configs():
+  plan = R.plan_cache(21, R.RolloutConfig())
+  assert plan.capacity_frames == 18 and plan.reads == (0, 3, 6, 9, 12, 15, 18)
+  assert plan.writes[-1] is None
+  assert R.plan_cache(21, R.RolloutConfig(commit_last_chunk=True)).capacity_frames == 21
+  with pytest.raises(ValueError, match="multiple of chunk_frames"):
+    R.plan_cache(10, R.RolloutConfig())
+  with pytest.raises(ValueError, match="window_frames"):
+    R.plan_cache(21, R.RolloutConfig(window_frames=7))
+  with pytest.raises(ValueError, match="sink_frames only"):
+    R.plan_cache(21, R.RolloutConfig(sink_frames=3))
+  np.testing.assert_allclose(R.RolloutConfig().timesteps(), [1000, 937.5, 833.3333, 625], rtol=1e-6)
