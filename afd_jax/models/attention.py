@@ -57,7 +57,7 @@ _SPLASH_BLOCK = 128
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, q_len: int, kv_len: int):
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -66,12 +66,14 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int):
       block_q=_SPLASH_BLOCK, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
       block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK, block_kv_dkv_compute=_SPLASH_BLOCK,
       block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
-  return sk.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, block_sizes=block)
+  return sk.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, block_sizes=block,
+                            interpret=interpret)
 
 
-def splash_attention(q, k, v):
-  """Pallas splash attention (TPU). Lengths are padded to the block size; padded keys are masked
-  with segment ids, so any Wan chunk length (4,680 tokens, not a multiple of 128) is exact."""
+def splash_attention(q, k, v, interpret: bool = False):
+  """Pallas splash attention (TPU; ``interpret`` runs it anywhere, for tests). Lengths are padded to
+  the block size and padded keys masked with segment ids, so any Wan chunk length (4,680 tokens,
+  not a multiple of 128) is exact."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
   b, nq, h, d = q.shape
@@ -83,7 +85,7 @@ def splash_attention(q, k, v):
   seg = sk.SegmentIds(
       q=jnp.concatenate([jnp.zeros(nq, jnp.int32), jnp.ones(pq, jnp.int32)]),
       kv=jnp.concatenate([jnp.zeros(nk, jnp.int32), jnp.full(pk, 2, jnp.int32)]))
-  kernel = _splash_kernel(h, nq + pq, nk + pk)
+  kernel = _splash_kernel(h, nq + pq, nk + pk, interpret)
   out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(qh, kh, vh)
   return out.transpose(0, 2, 1, 3)[:, :nq].astype(q.dtype)
 
