@@ -31,11 +31,12 @@ MODES = ("rollout",)
 
 def log_environment():
   import flax
+  import jaxlib
   import optax
   import orbax.checkpoint as ocp
   logging.info("jax %s, jaxlib %s, flax %s, optax %s, orbax %s", jax.__version__,
-               jax.lib.__version__ if hasattr(jax.lib, "__version__") else "?", flax.__version__,
-               optax.__version__, getattr(ocp, "__version__", "?"))
+               jaxlib.__version__, flax.__version__, optax.__version__,
+               getattr(ocp, "__version__", "?"))
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
 
 

@@ -147,6 +147,12 @@ def _linear(din, dout, axes, cfg: WanConfig, rngs, *, init=_XAVIER, dtype=None):
       kernel_init=_annotated(init, axes), bias_init=_annotated(_ZEROS, (axes[1],)), rngs=rngs)
 
 
+def _modulation_table(rows: int, cfg: WanConfig, rngs):
+  """Learned ``[1, rows, d]`` shift/scale/gate table, initialised N(0, 1/d) as in Wan."""
+  value = jax.random.normal(rngs.params(), (1, rows, cfg.dim), jnp.dtype(cfg.param_dtype))
+  return _param(value / math.sqrt(cfg.dim), (None, None, "embed"))
+
+
 def layer_norm(x, eps: float):
   """LayerNorm without affine parameters, statistics and output in fp32."""
   x = x.astype(jnp.float32)
@@ -265,9 +271,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
     d = cfg.dim
     self.eps = cfg.eps
-    self.modulation = _param(
-        jax.random.normal(rngs.params(), (1, 6, d), jnp.dtype(cfg.param_dtype)) / math.sqrt(d),
-        (None, None, "embed"))
+    self.modulation = _modulation_table(6, cfg, rngs)
     self.self_attn = Attention(cfg, rngs)
     self.cross_attn = Attention(cfg, rngs)
     self.norm3 = nnx.data(
@@ -306,9 +310,7 @@ class Head(nnx.Module):
   def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
     d = cfg.dim
     self.eps = cfg.eps
-    self.modulation = _param(
-        jax.random.normal(rngs.params(), (1, 2, d), jnp.dtype(cfg.param_dtype)) / math.sqrt(d),
-        (None, None, "embed"))
+    self.modulation = _modulation_table(2, cfg, rngs)
     self.head = _linear(d, cfg.out_dim * cfg.patch_numel, ("embed", "patch"), cfg, rngs,
                         init=_ZEROS)
 
