@@ -403,6 +403,41 @@ class WanModel(nnx.Module):
       x, e = x[:, f:], e[:, f:]
     return self._unpatchify(self.head(x, e), grid)
 
+  def features(self, latents, timesteps, context=None, layers=(), *, text_kv: KV | None = None,
+               stop_gradient_below: int = 0):
+    """Hidden states ``[B, N, d]`` (fp32) after each block index in ``layers``, bidirectional.
+
+    Blocks after the last requested one and the output head are not run. With
+    ``stop_gradient_below=k`` no gradient reaches blocks ``< k`` or the embeddings (a partly frozen
+    discriminator trunk).
+    """
+    cfg = self.config
+    layers = tuple(sorted(set(layers)))
+    if not layers or layers[0] < 0 or layers[-1] >= cfg.num_layers:
+      raise ValueError(f"feature layers {layers} must be non-empty block indices in "
+                       f"[0, {cfg.num_layers}).")
+    grid = self._check_latents(latents, "latents")
+    b = latents.shape[0]
+    t = self._frame_timesteps(timesteps, b, grid[0])
+    text = self._text(context, text_kv, b)
+    layout = attn_lib.Layout("bidirectional", kernel=cfg.attention_kernel)
+    angles = rope_angles(cfg.head_dim, *grid)
+    _, e0 = self._time(t)
+    x = self._embed(latents)
+    n = x.shape[1]
+    x = x.reshape(b, grid[0], n // grid[0], cfg.dim)
+    bounds = sorted({l + 1 for l in layers} | ({stop_gradient_below} if 0 < stop_gradient_below
+                                               <= layers[-1] else set()))
+    out, start = [], 0
+    for end in bounds:
+      x, _ = self._run_blocks(x, e0, angles, text, layout, start=start, end=end)
+      if end == stop_gradient_below:
+        x = jax.lax.stop_gradient(x)
+      if end - 1 in layers:
+        out.append(x.reshape(b, n, cfg.dim))
+      start = end
+    return out
+
   def text_kv(self, context) -> KV:
     """Per-layer cross-attention keys/values ``[L, B, T, H, D]``; compute once per prompt."""
     self._check_context(context)
@@ -506,11 +541,14 @@ class WanModel(nnx.Module):
     return e, e0.reshape(*e0.shape[:-1], 6, self.config.dim)
 
   def _run_blocks(self, x, e0, angles, text: KV, layout, cache: KV | None = None,
-                  return_kv: bool = False):
+                  return_kv: bool = False, start: int = 0, end: int | None = None):
+    """Runs blocks ``[start, end)`` over ``x`` (``[B, N, d]``, or ``[B, F, T, d]`` to continue)."""
     cfg = self.config
-    b, n, d = x.shape
+    end = cfg.num_layers if end is None else end
     f = e0.shape[1]
     graphdef, state = nnx.split(self.blocks)
+    if (start, end) != (0, cfg.num_layers):
+      state, text, cache = jax.tree.map(lambda a: a[start:end], (state, text, cache))
 
     def body(x, layer):
       params, text_l, cache_l = layer
@@ -520,12 +558,14 @@ class WanModel(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
-    x = x.reshape(b, f, n // f, d)
+    if x.ndim == 3:
+      b, n, d = x.shape
+      x = x.reshape(b, f, n // f, d)
     if cfg.scan_layers:
       x, kvs = jax.lax.scan(body, x, (state, text, cache))
     else:
       outs = []
-      for i in range(cfg.num_layers):
+      for i in range(end - start):
         layer = jax.tree.map(lambda a: a[i], (state, text, cache))
         x, kv = body(x, layer)
         outs.append(kv)

@@ -1,0 +1,167 @@
+"""AFD's objectives as pure functions (``shared/reference/afd_method.md`` sections 3-5).
+
+* Prompt-paired Bradley-Terry discriminator loss, accuracy and finite-difference R1/R2 penalties.
+* The on-policy advantage: paired score ``s = D(x_S) - D(x_T)``, normalised (batch or per-prompt
+  mean, population std over the whole global batch), clipped to ``+-A_max``, an optional advantage
+  mode, and the optimality probability ``r = 0.5 + A / (2 A_max)``.
+* The DiffusionNFT forward-process loss with implicit positive/negative velocities, adaptive
+  per-(sample, chunk) weights and the ``A_max / beta`` scale; the velocity regulariser.
+* NFT noise-level sampling: the student's own rollout levels, permuted per chunk, or continuous
+  shifted levels.
+
+Reductions are plain ``jnp`` reductions over global (sharded) arrays, so under ``jax.jit`` with
+sharded inputs every statistic covers all devices and hosts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from afd_jax import flow
+
+ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
+WEIGHT_FLOOR = 1e-5
+STD_EPS = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator.
+
+
+def bt_loss(teacher_logits, student_logits):
+  """``mean(-log sigmoid(D(x_T) - D(x_S)))`` over prompt pairs (the relativistic / BT loss)."""
+  return jnp.mean(jax.nn.softplus(-(teacher_logits - student_logits)))
+
+
+def bt_accuracy(teacher_logits, student_logits):
+  """Fraction of pairs the discriminator ranks correctly (teacher above student)."""
+  return jnp.mean((teacher_logits > student_logits).astype(jnp.float32))
+
+
+def finite_difference_penalty(logits, perturbed_logits, sigma: float):
+  """Approximate R1 (teacher inputs) / R2 (student inputs): ``mean(((D(x + d) - D(x)) / s)^2)``
+  with ``d ~ N(0, s^2 I)``; the caller evaluates D on the perturbed inputs."""
+  return jnp.mean(jnp.square((perturbed_logits - logits) / sigma))
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantage.
+
+
+def paired_scores(teacher_logits, student_logits, group_size: int = 1):
+  """``s = D(x_S, c) - D(x_T, c)``. With ``group_size`` K > 1 student samples per prompt, student
+  logits are laid out prompt-major ``[P * K]`` and each is paired with its prompt's teacher."""
+  if group_size == 1:
+    return student_logits - teacher_logits
+  teacher = jnp.repeat(teacher_logits, group_size, axis=0)
+  return student_logits - teacher
+
+
+def normalize_advantages(scores, group_size: int = 1):
+  """Batch mean (K = 1) or per-prompt mean (K > 1), divided by the population std of all scores.
+
+  Matches DiffusionNFT's ``PerPromptStatTracker(global_std=True)``.
+  """
+  if scores.shape[0] % group_size:
+    raise ValueError(f"{scores.shape[0]} scores are not a whole number of groups of {group_size}.")
+  std = jnp.std(scores)
+  if group_size == 1:
+    centred = scores - jnp.mean(scores)
+  else:
+    grouped = scores.reshape(-1, group_size)
+    centred = (grouped - grouped.mean(1, keepdims=True)).reshape(scores.shape)
+  return centred / (std + STD_EPS)
+
+
+def shape_advantages(adv, a_max: float, mode: str = "all"):
+  """Clip to ``+-A_max``, then apply DiffusionNFT's advantage mode."""
+  if mode not in ADV_MODES:
+    raise ValueError(f"unknown adv_mode {mode!r}; choose one of {ADV_MODES}.")
+  adv = jnp.clip(adv, -a_max, a_max)
+  if mode == "positive_only":
+    return jnp.clip(adv, 0.0, a_max)
+  if mode == "negative_only":
+    return jnp.clip(adv, -a_max, 0.0)
+  if mode == "one_only":
+    return (adv > 0).astype(adv.dtype)
+  if mode == "binary":
+    return jnp.sign(adv)
+  return adv
+
+
+def optimality_probability(adv, a_max: float):
+  """``r = clip(0.5 + A / (2 A_max), 0, 1)``: the probability that a sample is teacher-like."""
+  return jnp.clip(0.5 + adv / (2.0 * a_max), 0.0, 1.0)
+
+
+def advantage_stats(raw, adv, r, a_max: float) -> dict:
+  return {"adv/raw_mean": jnp.mean(raw), "adv/raw_std": jnp.std(raw),
+          "adv/mean": jnp.mean(adv), "adv/std": jnp.std(adv), "adv/abs_mean": jnp.mean(jnp.abs(adv)),
+          "adv/clipped_frac": jnp.mean((jnp.abs(raw) >= a_max).astype(jnp.float32)),
+          "r/mean": jnp.mean(r), "r/min": jnp.min(r), "r/max": jnp.max(r),
+          "r/saturated_frac": jnp.mean(((r <= 0) | (r >= 1)).astype(jnp.float32))}
+
+
+# ----------------------------------------------------------------------------------------------
+# NFT loss.
+
+
+def _per_chunk(x, chunk_frames: int):
+  """``[B, F, H, W, C]`` -> ``[B, F / f, f * H * W * C]``: one row per (sample, chunk) group."""
+  b, f = x.shape[:2]
+  return x.reshape(b, f // chunk_frames, -1)
+
+
+def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, chunk_frames: int):
+  """DiffusionNFT's policy loss on the student's own noised samples.
+
+  ``v_theta`` (with gradient), ``v_old`` (old policy), ``x_t``, ``x0`` (the clean rollout sample):
+  ``[B, F, H, W, C]``; ``sigma``: per frame ``[B, F]`` (constant within a chunk); ``r``: ``[B]``.
+  Returns the scalar loss and its parts.
+  """
+  v_old = jax.lax.stop_gradient(v_old)
+  v_pos = beta * v_theta + (1.0 - beta) * v_old
+  v_neg = (1.0 + beta) * v_old - beta * v_theta
+  err_pos = _per_chunk(flow.x0_from_velocity(x_t, v_pos, sigma) - x0, chunk_frames)
+  err_neg = _per_chunk(flow.x0_from_velocity(x_t, v_neg, sigma) - x0, chunk_frames)
+  w_pos = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(err_pos), -1), WEIGHT_FLOOR))
+  w_neg = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(err_neg), -1), WEIGHT_FLOOR))
+  loss_pos = jnp.mean(jnp.square(err_pos), -1) / w_pos
+  loss_neg = jnp.mean(jnp.square(err_neg), -1) / w_neg
+  r = r[:, None]
+  per_group = a_max * (r * loss_pos + (1.0 - r) * loss_neg) / beta
+  return jnp.mean(per_group), {"nft/loss": jnp.mean(per_group), "nft/positive": jnp.mean(loss_pos),
+                               "nft/negative": jnp.mean(loss_neg)}
+
+
+def velocity_regularizer(v_theta, v_ref, weight: float):
+  """``weight * mean((v_theta - v_ref)^2)``: keeps the student near its starting point."""
+  return weight * jnp.mean(jnp.square(v_theta - jax.lax.stop_gradient(v_ref)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise levels for the NFT passes.
+
+
+def permuted_levels(key, levels, batch: int, chunks: int, passes: int):
+  """``[passes, B, chunks]`` sigmas: per (sample, chunk) a random permutation of ``levels``, so
+  with ``passes == len(levels)`` every chunk sees every level once, in random order."""
+  levels = jnp.asarray(levels, jnp.float32)
+  if passes > levels.shape[0]:
+    raise ValueError(f"{passes} NFT passes but only {levels.shape[0]} noise levels to permute.")
+  keys = jax.random.split(key, batch * chunks)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, levels))(keys)
+  return perms.reshape(batch, chunks, -1)[..., :passes].transpose(2, 0, 1)
+
+
+def continuous_levels(key, batch: int, chunks: int, passes: int, shift: float,
+                      low: float = 0.02, high: float = 0.98):
+  """``[passes, B, chunks]`` sigmas ``shift_sigma(U(low, high))``."""
+  u = jax.random.uniform(key, (passes, batch, chunks), minval=low, maxval=high)
+  return flow.shift_sigma(u, shift)
+
+
+def chunk_to_frames(sigma_chunks, chunk_frames: int):
+  """``[..., B, chunks]`` -> ``[..., B, chunks * chunk_frames]`` (constant within each chunk)."""
+  return jnp.repeat(sigma_chunks, chunk_frames, axis=-1)

@@ -1,0 +1,99 @@
+"""The prompt-paired AFD discriminator: a bidirectional Wan trunk read out by learned registers.
+
+Follows Self-Forcing's GAN discriminator (``afd_method.md`` section 6): the trunk sees the clean (or
+lightly noised) latent video and the prompt through its own text cross-attention; after chosen
+blocks a readout block lets one learned register token attend over all video tokens; the
+readouts are concatenated and an MLP head gives one logit ``D(x, c)``. Lower trunk blocks can be
+frozen (no gradient below ``freeze_below``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from afd_jax.models import attention as attn_lib
+from afd_jax.models import wan
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig:
+  readout_layers: tuple[int, ...] = (13, 21, 29)  # trunk blocks (0-indexed) read by registers
+  readout_ffn_dim: int = 8192
+  freeze_below: int = 0                            # blocks < this get no gradient; 0 = none
+  head_eps: float = 1e-5
+
+  def validate(self, trunk: wan.WanConfig):
+    layers = self.readout_layers
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 \
+        or max(layers) >= trunk.num_layers:
+      raise ValueError(f"readout_layers {layers} must be distinct block indices of the "
+                       f"{trunk.num_layers}-block trunk.")
+    if not 0 <= self.freeze_below <= min(layers):
+      raise ValueError(f"freeze_below={self.freeze_below} must lie in [0, {min(layers)}] "
+                       "(readouts above a frozen block still need their inputs).")
+
+
+class ReadoutBlock(nnx.Module):
+  """One register token attends over the video tokens, then an FFN; no timestep modulation."""
+
+  def __init__(self, trunk: wan.WanConfig, ffn_dim: int, rngs: nnx.Rngs):
+    d, pd = trunk.dim, jnp.dtype(trunk.param_dtype)
+    self.eps = trunk.eps
+    self.kernel = trunk.attention_kernel
+    self.norm = wan.AffineLayerNorm(d, trunk.eps, pd)
+    self.attn = wan.Attention(trunk, rngs)
+    self.ffn_in = wan._linear(d, ffn_dim, ("embed", "mlp"), trunk, rngs)
+    self.ffn_out = wan._linear(ffn_dim, d, ("mlp", "embed"), trunk, rngs)
+
+  def __call__(self, h, register):
+    """``h [B, N, d]`` fp32 trunk features, ``register [d]`` (normed) -> ``[B, d]`` fp32."""
+    b = h.shape[0]
+    dtype = self.ffn_in.dtype
+    q = self.attn.query(register[None, None, :].astype(dtype))
+    q = jnp.broadcast_to(q, (b, *q.shape[1:]))
+    kv = self.attn.key_value(self.norm(h).astype(dtype))
+    u = register + self.attn.out(attn_lib.attend(q, kv.k, kv.v, self.kernel))[:, 0].astype(
+        jnp.float32)
+    y = self.ffn_out(jax.nn.gelu(self.ffn_in(wan.layer_norm(u, self.eps).astype(dtype)),
+                                 approximate=True))
+    return u + y.astype(jnp.float32)
+
+
+class Discriminator(nnx.Module):
+  def __init__(self, trunk: wan.WanModel, cfg: DiscriminatorConfig, *, rngs: nnx.Rngs):
+    cfg.validate(trunk.config)
+    tc = trunk.config
+    d, n = tc.dim, len(cfg.readout_layers)
+    self.config = cfg
+    self.trunk = trunk
+    self.registers = nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, d),
+                                                        jnp.dtype(tc.param_dtype)),
+                               out_sharding=(None, "embed"), eager_sharding=False)
+    self.register_norm = wan.RMSNorm(d, tc.eps, jnp.dtype(tc.param_dtype))
+    self.readouts = nnx.List([ReadoutBlock(tc, cfg.readout_ffn_dim, rngs) for _ in range(n)])
+    self.head_norm = wan.AffineLayerNorm(n * d, cfg.head_eps, jnp.dtype(tc.param_dtype))
+    self.head_hidden = wan._linear(n * d, d, ("readout", "embed"), tc, rngs)
+    self.head_out = wan._linear(d, 1, ("embed", None), tc, rngs)
+
+  def __call__(self, latents, timesteps, context=None, *, text_kv: wan.KV | None = None):
+    """Logits ``[B]`` for clean (or lightly noised, ``timesteps = 1000 tau``) latents."""
+    feats = self.trunk.features(latents, timesteps, context, self.config.readout_layers,
+                                text_kv=text_kv, stop_gradient_below=self.config.freeze_below)
+    regs = self.register_norm(self.registers[...].astype(jnp.float32))
+    order = sorted(range(len(self.config.readout_layers)),
+                   key=lambda i: self.config.readout_layers[i])
+    by_layer = dict(zip(order, feats))
+    outs = [block(by_layer[i], regs[i]) for i, block in enumerate(self.readouts)]
+    z = self.head_norm(jnp.concatenate(outs, -1))
+    z = self.head_out(jax.nn.silu(self.head_hidden(z.astype(self.head_hidden.dtype))))
+    return z[:, 0].astype(jnp.float32)
+
+
+def init(trunk: wan.WanModel, cfg: DiscriminatorConfig = DiscriminatorConfig(),
+         seed: int = 0) -> Discriminator:
+  """A discriminator on ``trunk`` (e.g. ``wan.from_pretrained(...)``) with fresh readouts and head."""
+  return Discriminator(trunk, cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from afd_jax.models import discriminator as D
+from afd_jax.models import wan
+from conftest import jitted, randomize
+
+CFG = D.DiscriminatorConfig(readout_layers=(1, 0), readout_ffn_dim=96)
+
+
+@pytest.fixture(scope="module")
+def disc(tiny_model):
+  return randomize(D.init(tiny_model, CFG, seed=1), seed=3)
+
+
+def test_logits_depend_on_video_and_prompt(disc, inputs):
+  latents, context = inputs
+  fwd = jitted(disc)
+  t = jnp.zeros(2)
+  logits = fwd(latents, t, context)
+  assert logits.shape == (2,) and logits.dtype == jnp.float32
+  assert float(jnp.abs(fwd(latents * 0.5, t, context) - logits).max()) > 1e-4
+  assert float(jnp.abs(fwd(latents, t, context[::-1]) - logits).max()) > 1e-4
+
+
+def test_features_are_the_trunk_hidden_states(tiny_model, inputs):
+  """The last-block feature pushed through the output head reproduces the model's forward."""
+  latents, context = inputs
+  t = jnp.array([300.0, 800.0])
+
+  def via_features(model):
+    h = model.features(latents, t, context, (model.config.num_layers - 1,))[0]
+    e, _ = model._time(jnp.repeat(t[:, None], 6, 1))
+    out = model.head(h.reshape(2, 6, -1, model.config.dim), e)
+    return model._unpatchify(out, (6, 2, 3))
+
+  np.testing.assert_allclose(jitted(tiny_model, "__call__")(latents, t, context),
+                             jax.jit(lambda: via_features(tiny_model))(), atol=1e-5)
+
+
+def test_frozen_lower_blocks_get_no_gradient(tiny_model, inputs):
+  latents, context = inputs
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((1,), 96, freeze_below=1)), seed=2)
+  graphdef, state = nnx.split(disc)
+  grads = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(latents, jnp.zeros(2), context).sum()))(
+      state)
+  block_grads = grads["trunk"]["blocks"]["ffn_in"]["kernel"][...]
+  assert float(jnp.abs(block_grads[0]).max()) == 0.0      # block 0 frozen
+  assert float(jnp.abs(block_grads[1]).max()) > 0.0       # block 1 trains
+  assert float(jnp.abs(grads["trunk"]["patch_embedding"]["kernel"][...]).max()) == 0.0
+  for name in ("registers", "head_hidden", "readouts"):
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[name])) > 0.0
+
+
+def test_bad_readout_configs_are_refused(tiny_model):
+  with pytest.raises(ValueError, match="readout_layers"):
+    D.init(tiny_model, D.DiscriminatorConfig((2,)))
+  with pytest.raises(ValueError, match="freeze_below"):
+    D.init(tiny_model, D.DiscriminatorConfig((0,), freeze_below=1))
+  with pytest.raises(ValueError, match="feature layers"):
+    tiny_model.features(jnp.zeros((1, 3, 4, 6, 16)), jnp.zeros(1), jnp.zeros((1, 2, 32)), ())
+
+
+def test_full_size_readout_matches_the_reference_parameter_count():
+  trunk = wan.abstract(wan.preset("1.3b"))
+  disc = nnx.eval_shape(lambda: D.Discriminator(trunk, D.DiscriminatorConfig(), rngs=nnx.Rngs(0)))
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  state = nnx.state(disc)
+  readout = count(state["readouts"][0])
+  assert abs(readout - 34.6e6) / 34.6e6 < 0.01                 # afd_method.md 6.4: ~34.6 M each
+  head = count(state["head_norm"]) + count(state["head_hidden"]) + count(state["head_out"])
+  assert abs(head - 7.1e6) / 7.1e6 < 0.01                       # ~7.1 M
