@@ -25,13 +25,15 @@ def randomize(model: wan.WanModel, seed: int = 0, scale: float = 0.05) -> wan.Wa
 
 
 _STATIC = ("attention", "chunk_frames", "window_frames", "sink_frames")
+_STATIC_POS = {"context_kv": (1,), "forward_with_context": (3,)}
 
 
 def jitted(model, method: str = "__call__"):
   """``model.method`` as one jitted program (eager NNX dispatch is slow on 2 CPU cores)."""
   graphdef, state = nnx.split(model)
+  static = tuple(i + 1 for i in _STATIC_POS.get(method, ()))  # +1: the state comes first
   fn = jax.jit(lambda s, *a, **kw: getattr(nnx.merge(graphdef, s), method)(*a, **kw),
-               static_argnames=_STATIC)
+               static_argnums=static, static_argnames=_STATIC)
   return lambda *a, **kw: fn(state, *a, **kw)
 
 

@@ -149,3 +149,14 @@ def test_bad_inputs_are_named(tiny_model, inputs):
     wan.WanConfig(dim=100, num_heads=3)
   with pytest.raises(ValueError, match="unknown Wan preset"):
     wan.preset("7b")
+
+
+def test_cached_context_equals_two_copy_teacher_forcing(tiny_model, fwd, inputs):
+  noisy, context = inputs
+  clean = jax.random.normal(jax.random.key(8), noisy.shape)
+  t = jnp.array([[937.5] * 3 + [625.0] * 3, [833.3] * 3 + [1000.0] * 3])
+  text = jitted(tiny_model, "text_kv")(context)
+  ctx_kv = jitted(tiny_model, "context_kv")(clean, 3, text)
+  cached = jitted(tiny_model, "forward_with_context")(noisy, t, ctx_kv, 3, text)
+  two_copy = fwd(noisy, t, context, attention="teacher_forcing", chunk_frames=3, clean_latents=clean)
+  np.testing.assert_allclose(cached, two_copy, atol=1e-5)

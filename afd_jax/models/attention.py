@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = ("auto", "dense", "cudnn", "splash")
-MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache")
+MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache", "cached_context")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class Layout:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {MODES}.")
-    if self.mode in ("block_causal", "teacher_forcing") and self.chunk_tokens <= 0:
+    if self.mode in ("block_causal", "teacher_forcing", "cached_context") and self.chunk_tokens <= 0:
       raise ValueError(f"attention mode {self.mode!r} needs a positive chunk size.")
 
   def key_ranges(self, chunk: int) -> list[tuple[int, int]]:
@@ -145,7 +145,8 @@ class Layout:
     return ranges + [(recent, end)] if recent < end else ranges
 
   def __call__(self, q, k, v, cache=None):
-    """Applies the pattern. ``cache`` is ``(k, v)`` of earlier tokens in ``kv_cache`` mode."""
+    """Applies the pattern. ``cache`` is ``(k, v)`` of earlier tokens in ``kv_cache`` mode, and the
+    clean video's K/V (same length as q) in ``cached_context`` mode."""
     if self.mode == "bidirectional":
       return attend(q, k, v, self.kernel)
     if self.mode == "kv_cache":
@@ -155,6 +156,8 @@ class Layout:
       return attend(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), self.kernel)
     if self.mode == "block_causal":
       return self._block_causal(q, k, v)
+    if self.mode == "cached_context":
+      return self._noisy_chunks(q, k, v, *cache)
     return self._teacher_forcing(q, k, v)
 
   def _num_chunks(self, n: int) -> int:
@@ -176,16 +179,21 @@ class Layout:
     """Sequence ``[clean ; noisy]``: clean chunk j sees clean chunks <= j; noisy chunk j sees clean
     chunks < j and noisy chunk j."""
     n = q.shape[1] // 2
-    c = self.chunk_tokens
     clean = self._block_causal(q[:, :n], k[:, :n], v[:, :n])
+    return jnp.concatenate([clean, self._noisy_chunks(q[:, n:], k[:, n:], v[:, n:], k[:, :n],
+                                                      v[:, :n])], 1)
+
+  def _noisy_chunks(self, q, k, v, clean_k, clean_v):
+    """Noisy chunk j attends to the clean keys of chunks < j and to its own noisy keys."""
+    c = self.chunk_tokens
     outs = []
-    for i in range(self._num_chunks(n)):
-      own = slice(n + i * c, n + (i + 1) * c)
-      prev = [(a, b) for a, b in self.key_ranges(i) if a < i * c]
-      ks = [k[:, a:min(b, i * c)] for a, b in prev] + [k[:, own]]
-      vs = [v[:, a:min(b, i * c)] for a, b in prev] + [v[:, own]]
+    for i in range(self._num_chunks(q.shape[1])):
+      own = slice(i * c, (i + 1) * c)
+      prev = [(a, min(b, i * c)) for a, b in self.key_ranges(i) if a < i * c]
+      ks = [clean_k[:, a:b] for a, b in prev] + [k[:, own]]
+      vs = [clean_v[:, a:b] for a, b in prev] + [v[:, own]]
       outs.append(attend(q[:, own], jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), self.kernel))
-    return jnp.concatenate([clean] + outs, 1)
+    return jnp.concatenate(outs, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,6 +438,35 @@ class WanModel(nnx.Module):
       start = end
     return out
 
+  def context_kv(self, clean_latents, chunk_frames: int, text_kv: KV, timesteps=None) -> KV:
+    """Per-layer post-RoPE K/V ``[L, B, N, H, D]`` of a block-causal pass over the clean video at
+    ``timesteps`` (default 0): exactly the K/V a rollout commits to its cache. With
+    :meth:`forward_with_context` it evaluates the teacher-forcing layout without the clean copy."""
+    cfg = self.config
+    grid = self._check_latents(clean_latents, "clean_latents")
+    b, f = clean_latents.shape[0], grid[0]
+    t = (jnp.zeros((b, f), jnp.float32) if timesteps is None
+         else self._frame_timesteps(timesteps, b, f))
+    layout = self._layout("block_causal", chunk_frames, f, grid, None, 0)
+    _, e0 = self._time(t)
+    _, kv = self._run_blocks(self._embed(clean_latents), e0, rope_angles(cfg.head_dim, *grid),
+                             self._text(None, text_kv, b), layout, return_kv=True)
+    return kv
+
+  def forward_with_context(self, latents, timesteps, context_kv: KV, chunk_frames: int,
+                           text_kv: KV):
+    """Velocity of noisy ``latents`` whose chunk j attends to the clean context K/V of chunks < j
+    (from :meth:`context_kv`) and to itself: the teacher-forcing noisy half, cached form."""
+    cfg = self.config
+    grid = self._check_latents(latents, "latents")
+    b, f = latents.shape[0], grid[0]
+    t = self._frame_timesteps(timesteps, b, f)
+    layout = self._layout("cached_context", chunk_frames, f, grid, None, 0)
+    e, e0 = self._time(t)
+    x, _ = self._run_blocks(self._embed(latents), e0, rope_angles(cfg.head_dim, *grid),
+                            self._text(None, text_kv, b), layout, context_kv)
+    return self._unpatchify(self.head(x, e), grid)
+
   def text_kv(self, context) -> KV:
     """Per-layer cross-attention keys/values ``[L, B, T, H, D]``; compute once per prompt."""
     self._check_context(context)

@@ -1,0 +1,200 @@
+"""AFD's pure step functions over split NNX state (``afd_method.md`` section 3).
+
+Each builder closes over the static parts (graph definitions, optimizers, the method config)
+and returns a pure function of arrays, ready for ``jax.jit`` with shardings and donation:
+
+* ``disc_step``: one Bradley-Terry update of the discriminator on (teacher, student) pairs that
+  share one noise-augmentation draw; returns the pre-update logits for the advantage;
+* ``advantage``: paired scores -> normalised, clipped advantage -> optimality probability ``r``;
+* ``student_step``: the DiffusionNFT loss on the student's own noised rollouts in the cached
+  teacher-forcing layout (stop-gradient clean context), plus the velocity regulariser, gradients
+  averaged over ``nft_passes`` noise levels, one AdamW step, and the evaluation EMA;
+* ``update_old``: the old policy's soft update with DiffusionNFT's decay schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from afd_jax import flow
+from afd_jax import losses
+
+DECAY_PRESETS = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AFDConfig:
+  """Method hyperparameters (defaults: ``afd_method.md`` section 7)."""
+
+  chunk_frames: int = 3
+  rollout_timesteps: tuple[float, ...] = (1000.0, 937.5, 833.3333, 625.0)
+  nft_passes: int = 4
+  nft_levels: str = "rollout"      # "rollout": the student's own levels, permuted per chunk
+  shift: float = 5.0               # for nft_levels="continuous"
+  beta: float = 1.0
+  a_max: float = 5.0
+  adv_mode: str = "all"
+  group_size: int = 1
+  reg_weight: float = 1e-4
+  disc_tau_max: float = 0.1
+  r1_weight: float = 0.0
+  r2_weight: float = 0.0
+  penalty_sigma: float = 0.01
+  ema_decay: float = 0.99
+  ema_start: int = 200
+  old_decay_type: int = 1
+
+  def __post_init__(self):
+    if self.nft_levels not in ("rollout", "continuous"):
+      raise ValueError(f"nft_levels must be 'rollout' or 'continuous', got {self.nft_levels!r}.")
+    if self.adv_mode not in losses.ADV_MODES:
+      raise ValueError(f"adv_mode {self.adv_mode!r} not in {losses.ADV_MODES}.")
+    if self.old_decay_type not in DECAY_PRESETS:
+      raise ValueError(f"old_decay_type {self.old_decay_type} not in {sorted(DECAY_PRESETS)}.")
+    if not self.beta > 0 or not self.a_max > 0:
+      raise ValueError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
+    if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
+      raise ValueError(f"nft_passes={self.nft_passes} exceeds the {len(self.rollout_timesteps)} "
+                       "rollout levels; lower it or use nft_levels='continuous'.")
+
+
+def adamw(lr, *, b1=0.0, b2=0.999, weight_decay=0.01, eps=1e-8, grad_clip=10.0, warmup_steps=0):
+  """Global-norm clipping, then AdamW with a linear warm-up (Self-Forcing's full fine-tune)."""
+  schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
+              else optax.constant_schedule(lr))
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+
+
+def old_policy_eta(step, decay_type: int):
+  """DiffusionNFT ``return_decay``: 0 until ``k_flat``, then ``min(u (k - k_flat), eta_max)``."""
+  flat, u, eta_max = DECAY_PRESETS[decay_type]
+  return jnp.where(step < flat, 0.0, jnp.minimum(u * (step - flat), eta_max))
+
+
+def update_old(old_params, params, eta):
+  """``theta_old <- eta theta_old + (1 - eta) theta``."""
+  return jax.tree.map(lambda o, p: eta * o + (1.0 - eta) * p, old_params, params)
+
+
+def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
+  """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``."""
+
+  def logits_fn(params, x, t, context):
+    return nnx.merge(graphdef, params)(x, t, context)
+
+  def loss_fn(params, x_teacher, x_student, context, key):
+    b = x_teacher.shape[0]
+    k_tau, k_eps, k_r = jax.random.split(key, 3)
+    tau = jax.random.uniform(k_tau, (b,), maxval=cfg.disc_tau_max)
+    eps = jax.random.normal(k_eps, x_teacher.shape, x_teacher.dtype)   # shared within a pair
+    x = jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)])
+    t = jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS
+    ctx = jnp.concatenate([context, context])
+    logits = logits_fn(params, x, t, ctx)
+    teacher, student = logits[:b], logits[b:]
+    loss = losses.bt_loss(teacher, student)
+    parts = {"disc/bt_loss": loss}
+    if cfg.r1_weight or cfg.r2_weight:
+      delta = cfg.penalty_sigma * jax.random.normal(k_r, x.shape, x.dtype)
+      perturbed = logits_fn(params, x + delta, t, ctx)
+      r1 = losses.finite_difference_penalty(teacher, perturbed[:b], cfg.penalty_sigma)
+      r2 = losses.finite_difference_penalty(student, perturbed[b:], cfg.penalty_sigma)
+      loss = loss + cfg.r1_weight * r1 + cfg.r2_weight * r2
+      parts.update({"disc/r1": r1, "disc/r2": r2})
+    return loss, (teacher, student, parts)
+
+  def step(params, opt_state, x_teacher, x_student, context, key):
+    (loss, (teacher, student, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, x_teacher, x_student, context, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(parts, **{"disc/loss": loss, "disc/accuracy": losses.bt_accuracy(teacher, student),
+                             "disc/teacher_logit": jnp.mean(teacher),
+                             "disc/student_logit": jnp.mean(student),
+                             "disc/grad_norm": optax.tree.norm(grads)})
+    return params, opt_state, {"teacher_logits": teacher, "student_logits": student,
+                               "metrics": metrics}
+
+  return step
+
+
+def advantage(teacher_logits, student_logits, cfg: AFDConfig):
+  """Pre-update logits -> ``(r [B * K], metrics)``."""
+  raw = losses.normalize_advantages(
+      losses.paired_scores(teacher_logits, student_logits, cfg.group_size), cfg.group_size)
+  adv = losses.shape_advantages(raw, cfg.a_max, cfg.adv_mode)
+  r = losses.optimality_probability(adv, cfg.a_max)
+  return r, losses.advantage_stats(raw, adv, r, cfg.a_max)
+
+
+def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
+  """``(student, old_params, ref_params, x0, context, r, key, step) -> (student, metrics)``.
+
+  ``student`` is ``{"params", "opt", "ema"}``; ``x0`` the clean rollouts ``[B, F, H, W, C]``.
+  """
+  f = cfg.chunk_frames
+  levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
+
+  def context_of(params, x0, text):
+    return jax.lax.stop_gradient(nnx.merge(graphdef, params).context_kv(x0, f, text))
+
+  def velocity(params, x_t, t, ctx_kv, text):
+    return nnx.merge(graphdef, params).forward_with_context(x_t, t, ctx_kv, f, text)
+
+  def step(student, old_params, ref_params, x0, context, r, key, step_index):
+    params = student["params"]
+    b, frames = x0.shape[:2]
+    chunks = frames // f
+    k_lvl, k_eps = jax.random.split(key)
+    if cfg.nft_levels == "rollout":
+      sig = losses.permuted_levels(k_lvl, levels, b, chunks, cfg.nft_passes)
+    else:
+      sig = losses.continuous_levels(k_lvl, b, chunks, cfg.nft_passes, cfg.shift)
+    sig = losses.chunk_to_frames(sig, f)                                  # [J, B, F]
+    eps = jax.random.normal(k_eps, (cfg.nft_passes, *x0.shape), x0.dtype)
+    text_old = nnx.merge(graphdef, old_params).text_kv(context)
+    text_ref = nnx.merge(graphdef, ref_params).text_kv(context)
+    ctx_theta = context_of(params, x0, nnx.merge(graphdef, params).text_kv(context))
+    ctx_old = context_of(old_params, x0, text_old)
+    ctx_ref = context_of(ref_params, x0, text_ref)
+
+    def pass_loss(p, x_t, t, sigma, v_old, v_ref):
+      v_theta = velocity(p, x_t, t, ctx_theta, nnx.merge(graphdef, p).text_kv(context))
+      nft, parts = losses.nft_loss(v_theta, v_old, x_t, x0, sigma, r, beta=cfg.beta,
+                                   a_max=cfg.a_max, chunk_frames=f)
+      reg = losses.velocity_regularizer(v_theta, v_ref, cfg.reg_weight)
+      parts.update({"reg/loss": reg, "monitor/old_deviate": jnp.mean(jnp.square(v_theta - v_old)),
+                    "monitor/kl_div": jnp.mean(jnp.square(v_theta - v_ref)),
+                    "monitor/old_kl_div": jnp.mean(jnp.square(v_old - v_ref))})
+      return nft + reg, parts
+
+    def accumulate(grads, inputs):
+      sigma, noise = inputs
+      x_t = flow.add_noise(x0, noise, sigma)
+      t = sigma * flow.NUM_TRAIN_TIMESTEPS
+      v_old = jax.lax.stop_gradient(velocity(old_params, x_t, t, ctx_old, text_old))
+      v_ref = jax.lax.stop_gradient(velocity(ref_params, x_t, t, ctx_ref, text_ref))
+      (loss, parts), g = jax.value_and_grad(pass_loss, has_aux=True)(params, x_t, t, sigma, v_old,
+                                                                     v_ref)
+      return jax.tree.map(jnp.add, grads, g), dict(parts, **{"student/loss": loss})
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, per_pass = jax.lax.scan(accumulate, zeros, (sig, eps))
+    grads = jax.tree.map(lambda g: g / cfg.nft_passes, grads)
+    updates, opt = tx.update(grads, student["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, student["ema"], new_params)
+    metrics = jax.tree.map(jnp.mean, per_pass)
+    metrics.update({"student/grad_norm": optax.tree.norm(grads),
+                    "student/update_norm": optax.tree.norm(updates),
+                    "student/param_norm": optax.tree.norm(new_params)})
+    return {"params": new_params, "opt": opt, "ema": ema}, metrics
+
+  return step

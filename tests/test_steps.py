@@ -1,0 +1,103 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from afd_jax import steps
+from afd_jax.models import discriminator as D
+from conftest import randomize
+
+CFG = steps.AFDConfig(nft_passes=2, ema_start=0)
+
+
+def _trees_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def batch(inputs):
+  latents, context = inputs
+  teacher = jnp.asarray(np.random.default_rng(5).standard_normal(latents.shape), jnp.float32)
+  return teacher, latents, context
+
+
+def test_disc_step_changes_only_the_discriminator_and_compiles_once(tiny_model, batch):
+  teacher, student_x, context = batch
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((0, 1), 96)), seed=4)
+  graphdef, params = nnx.split(disc)
+  tx = steps.adamw(1e-3)
+  opt = tx.init(params)
+  fn = jax.jit(steps.make_disc_step(graphdef, tx, CFG))
+  before = jax.tree.map(np.asarray, params)
+  x_before = np.asarray(student_x)
+  new, opt, out = fn(params, opt, teacher, student_x, context, jax.random.key(0))
+  new, opt, out = fn(new, opt, teacher, student_x, context, jax.random.key(1))
+  assert fn._cache_size() == 1
+  assert not _trees_equal(new, before)
+  np.testing.assert_array_equal(student_x, x_before)
+  m = out["metrics"]
+  assert out["teacher_logits"].shape == (2,) and np.isfinite(float(m["disc/loss"]))
+  assert 0.0 <= float(m["disc/accuracy"]) <= 1.0
+
+
+def test_disc_training_separates_teacher_from_student(tiny_model, batch):
+  teacher, student_x, context = batch
+  disc = D.init(tiny_model, D.DiscriminatorConfig((1,), 96), seed=2)
+  graphdef, params = nnx.split(disc)
+  tx = steps.adamw(3e-3)
+  opt = tx.init(params)
+  fn = jax.jit(steps.make_disc_step(graphdef, tx, CFG))
+  losses_seen = []
+  for i in range(25):
+    params, opt, out = fn(params, opt, teacher + 1.0, student_x, context, jax.random.key(i))
+    losses_seen.append(float(out["metrics"]["disc/bt_loss"]))
+  assert losses_seen[-1] < 0.5 * losses_seen[0], losses_seen
+  assert float(out["metrics"]["disc/accuracy"]) == 1.0
+
+
+def test_advantage_from_logits():
+  r, m = steps.advantage(jnp.array([0.0, 0.0, 0.0, 0.0]), jnp.array([-2.0, -1.0, 1.0, 2.0]), CFG)
+  assert np.all(np.diff(np.asarray(r)) > 0) and abs(float(jnp.mean(r)) - 0.5) < 1e-6
+  assert set(m) >= {"adv/mean", "adv/clipped_frac", "r/mean"}
+
+
+def test_student_step_changes_only_the_student_and_compiles_once(tiny_model, batch):
+  _, x0, context = batch
+  graphdef, params = nnx.split(tiny_model)
+  tx = steps.adamw(1e-3)
+  student = {"params": params, "opt": tx.init(params), "ema": params}
+  old = jax.tree.map(lambda x: x + 0.01, params)
+  ref = jax.tree.map(lambda x: x - 0.01, params)
+  snapshot = jax.tree.map(np.asarray, (params, old, ref))
+  fn = jax.jit(steps.make_student_step(graphdef, tx, CFG))
+  r = jnp.array([0.9, 0.1])
+  new, metrics = fn(student, old, ref, x0, context, r, jax.random.key(0), 0)
+  new, metrics = fn(new, old, ref, x0, context, r, jax.random.key(1), 1)
+  assert fn._cache_size() == 1
+  assert not _trees_equal(new["params"], snapshot[0])
+  assert _trees_equal(old, snapshot[1]) and _trees_equal(ref, snapshot[2])
+  assert _trees_equal(new["ema"], new["params"]) is False  # EMA lags behind (decay 0.99)
+  for k in ("nft/loss", "reg/loss", "student/grad_norm", "monitor/old_deviate"):
+    assert np.isfinite(float(metrics[k])), k
+
+
+def test_old_policy_schedule_and_update():
+  np.testing.assert_allclose([steps.old_policy_eta(k, 1) for k in (0, 100, 500, 900)],
+                             [0.0, 0.1, 0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose([steps.old_policy_eta(k, 2) for k in (10, 75, 175, 400)],
+                             [0.0, 0.0, 0.75, 0.999], atol=1e-6)
+  assert float(steps.old_policy_eta(1000, 0)) == 0.0
+  out = steps.update_old({"w": jnp.array([1.0])}, {"w": jnp.array([3.0])}, 0.25)
+  np.testing.assert_allclose(out["w"], [2.5])
+
+
+def test_bad_method_configs_are_refused():
+  with pytest.raises(ValueError, match="nft_passes"):
+    steps.AFDConfig(nft_passes=5)
+  with pytest.raises(ValueError, match="adv_mode"):
+    steps.AFDConfig(adv_mode="greedy")
+  with pytest.raises(ValueError, match="old_decay_type"):
+    steps.AFDConfig(old_decay_type=3)
+  with pytest.raises(ValueError, match="positive"):
+    steps.AFDConfig(beta=0.0)
