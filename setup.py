@@ -24,10 +24,11 @@ setup(
         "ml-dtypes>=0.5",
         "safetensors>=0.4",
         "pillow>=10",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch only to read Self-Forcing / CausVid .pt files; the pinned CPU build keeps CUDA out.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1"],
     },
 )

@@ -1,8 +1,9 @@
 """Entry point: ``python -m afd_jax.main --config=configs/tiny.py --workdir=DIR``.
 
-Modes (``config.mode``): ``rollout`` samples videos from the causal student (random or loaded
-from ``config.model.checkpoint``) and writes them to ``DIR/samples`` with a ``DIR/rollout.json``
-summary. Training modes arrive with the trainer.
+Modes (``config.mode``): ``train`` runs ``config.method`` (afd, sft, afd_frozen_disc, pretrain;
+see ``afd_jax/train.py``), resuming from ``DIR/checkpoints`` when present; ``rollout`` samples
+videos from the causal student (random or loaded from ``config.model.checkpoint``) into
+``DIR/samples`` with a ``DIR/rollout.json`` summary.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from afd_jax import rollout as rollout_lib
+from afd_jax import train
 from afd_jax import video
 from afd_jax.models import wan
 
@@ -26,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
-MODES = ("rollout",)
+MODES = ("train", "rollout")
 
 
 def log_environment():
@@ -40,27 +42,12 @@ def log_environment():
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
 
 
-def build_student(config) -> wan.WanModel:
-  runtime = dict(dtype=config.model.dtype, attention_kernel=config.model.attention_kernel,
-                 scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy)
-  if config.model.checkpoint:
-    return wan.from_pretrained(config.model.checkpoint, **runtime)
-  return wan.init(wan.preset(config.model.preset, **runtime), seed=config.seed)
-
-
-def rollout_config(config) -> rollout_lib.RolloutConfig:
-  r = config.rollout
-  return rollout_lib.RolloutConfig(
-      chunk_frames=r.chunk_frames, denoising_steps=tuple(r.denoising_steps), shift=r.shift,
-      window_frames=r.window_frames or None, sink_frames=r.sink_frames)
-
-
 def run_rollout(config, workdir: Path) -> dict:
-  r = config.rollout
-  model = build_student(config)
-  cfg = model.config
-  rcfg = rollout_config(config)
+  r = config.data
+  rcfg = train.rollout_config(config)
   rollout_lib.plan_cache(r.num_frames, rcfg)  # validates frames / window before compiling
+  model = train.build_student(config)
+  cfg = model.config
   latent_shape = (r.num_frames, r.height, r.width, cfg.in_dim)
   model._check_latents(jnp.zeros((1, *latent_shape)), "rollout latents")
 
@@ -78,7 +65,7 @@ def run_rollout(config, workdir: Path) -> dict:
   t0 = time.perf_counter()
   latents = jax.block_until_ready(compiled(params, noise, context, k_steps))
   run_s = time.perf_counter() - t0
-  chunks = r.num_frames // r.chunk_frames
+  chunks = r.num_frames // rcfg.chunk_frames
   logging.info("rollout of %d videos x %d chunks x %d steps in %.2fs (%.1f chunks/s)",
                r.batch_size, chunks, len(rcfg.denoising_steps), run_s, r.batch_size * chunks / run_s)
 
@@ -108,7 +95,11 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   log_environment()
   logging.info("config:\n%s", config)
-  run_rollout(config, workdir)
+  if config.mode == "rollout":
+    run_rollout(config, workdir)
+    return
+  summary = train.run(config, workdir)
+  print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 
 
 if __name__ == "__main__":

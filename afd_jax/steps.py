@@ -82,8 +82,12 @@ def update_old(old_params, params, eta):
   return jax.tree.map(lambda o, p: eta * o + (1.0 - eta) * p, old_params, params)
 
 
-def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
-  """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``."""
+def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
+                   update: bool = True):
+  """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``.
+
+  ``update=False`` only scores the pairs (a frozen discriminator after its warm-up).
+  """
 
   def logits_fn(params, x, t, context):
     return nnx.merge(graphdef, params)(x, t, context)
@@ -110,14 +114,19 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
     return loss, (teacher, student, parts)
 
   def step(params, opt_state, x_teacher, x_student, context, key):
-    (loss, (teacher, student, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, x_teacher, x_student, context, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(parts, **{"disc/loss": loss, "disc/accuracy": losses.bt_accuracy(teacher, student),
+    metrics = {}
+    if update:
+      (loss, (teacher, student, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, x_teacher, x_student, context, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics["disc/grad_norm"] = optax.tree.norm(grads)
+    else:
+      loss, (teacher, student, parts) = loss_fn(params, x_teacher, x_student, context, key)
+    metrics.update(parts, **{"disc/loss": loss,
+                             "disc/accuracy": losses.bt_accuracy(teacher, student),
                              "disc/teacher_logit": jnp.mean(teacher),
-                             "disc/student_logit": jnp.mean(student),
-                             "disc/grad_norm": optax.tree.norm(grads)})
+                             "disc/student_logit": jnp.mean(student)})
     return params, opt_state, {"teacher_logits": teacher, "student_logits": student,
                                "metrics": metrics}
 
@@ -187,14 +196,54 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, per_pass = jax.lax.scan(accumulate, zeros, (sig, eps))
     grads = jax.tree.map(lambda g: g / cfg.nft_passes, grads)
-    updates, opt = tx.update(grads, student["opt"], params)
-    new_params = optax.apply_updates(params, updates)
-    decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, student["ema"], new_params)
-    metrics = jax.tree.map(jnp.mean, per_pass)
-    metrics.update({"student/grad_norm": optax.tree.norm(grads),
-                    "student/update_norm": optax.tree.norm(updates),
-                    "student/param_norm": optax.tree.norm(new_params)})
-    return {"params": new_params, "opt": opt, "ema": ema}, metrics
+    student, metrics = _apply_update(student, grads, tx, cfg, step_index)
+    metrics.update(jax.tree.map(jnp.mean, per_pass))
+    return student, metrics
+
+  return step
+
+
+def _apply_update(student, grads, tx, cfg: AFDConfig, step_index):
+  """One optimizer step on ``student["params"]`` and the evaluation EMA (Self-Forcing: the EMA
+  starts as a copy at ``ema_start`` and decays by ``ema_decay`` after)."""
+  updates, opt = tx.update(grads, student["opt"], student["params"])
+  params = optax.apply_updates(student["params"], updates)
+  decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, student["ema"], params)
+  metrics = {"student/grad_norm": optax.tree.norm(grads),
+             "student/update_norm": optax.tree.norm(updates),
+             "student/param_norm": optax.tree.norm(params)}
+  return {"params": params, "opt": opt, "ema": ema}, metrics
+
+
+def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
+  """``(student, x0, context, key, step) -> (student, metrics)``: plain flow matching on clean
+  videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
+  level and sees the clean video as history (the cached teacher-forcing layout)."""
+  f = cfg.chunk_frames
+  levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
+
+  def step(student, x0, context, key, step_index):
+    b, frames = x0.shape[:2]
+    k_lvl, k_eps = jax.random.split(key)
+    if cfg.nft_levels == "rollout":
+      sig = losses.permuted_levels(k_lvl, levels, b, frames // f, 1)[0]
+    else:
+      sig = losses.continuous_levels(k_lvl, b, frames // f, 1, cfg.shift)[0]
+    sig = losses.chunk_to_frames(sig, f)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    x_t = flow.add_noise(x0, eps, sig)
+
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p)
+      text = model.text_kv(context)
+      ctx = jax.lax.stop_gradient(model.context_kv(x0, f, text))
+      v = model.forward_with_context(x_t, sig * flow.NUM_TRAIN_TIMESTEPS, ctx, f, text)
+      return jnp.mean(jnp.square(v - flow.velocity_target(x0, eps)))
+
+    loss, grads = jax.value_and_grad(loss_fn)(student["params"])
+    student, metrics = _apply_update(student, grads, tx, cfg, step_index)
+    metrics["fm/loss"] = loss
+    return student, metrics
 
   return step

@@ -1,38 +1,94 @@
-"""Tiny CPU config: a random 2-layer Wan student rolled out chunk by chunk in seconds.
+"""Tiny CPU config: AFD on a random 2-layer Wan student against the synthetic teacher.
 
-The README's first command and the tests use it. Override anything from the command line, e.g.
-``--config.rollout.num_frames=21 --config.model.preset=small``.
+Used by the README's first command and the tests; a run takes seconds to a few minutes on 2 CPU
+cores. ``--config.mode=rollout`` only samples the student. Override anything from the command
+line, e.g. ``--config.method=sft --config.train.num_steps=50``.
 """
 
 import ml_collections
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.mode = "rollout"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mode = "train"                     # train | rollout
+  c.method = "afd"                     # afd | sft | afd_frozen_disc | pretrain
 
-  config.model = ml_collections.ConfigDict()
-  config.model.preset = "tiny"        # afd_jax.models.wan.PRESETS, used when checkpoint is empty
-  config.model.checkpoint = ""        # any layout wan.from_pretrained reads
-  config.model.dtype = "float32"
-  config.model.attention_kernel = "auto"
-  config.model.scan_layers = True
-  config.model.remat_policy = "none"
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"              # afd_jax.models.wan.PRESETS, used when checkpoint is empty
+  c.model.checkpoint = ""              # any layout wan.from_pretrained reads
+  c.model.dtype = "float32"
+  c.model.attention_kernel = "auto"
+  c.model.scan_layers = True
+  c.model.remat_policy = "none"
 
-  config.rollout = ml_collections.ConfigDict()
-  config.rollout.batch_size = 2
-  config.rollout.num_frames = 9       # latent frames
-  config.rollout.height = 8           # latent height
-  config.rollout.width = 12           # latent width
-  config.rollout.chunk_frames = 3
-  config.rollout.denoising_steps = (1000.0, 750.0, 500.0, 250.0)
-  config.rollout.shift = 5.0
-  config.rollout.window_frames = 0    # 0: global attention over the whole video
-  config.rollout.sink_frames = 0
-  config.rollout.text_length = 16     # random prompt embeddings for a random student
+  c.disc = ml_collections.ConfigDict()
+  c.disc.checkpoint = ""               # trunk weights; empty: a copy of the student
+  c.disc.readout_layers = (0, 1)
+  c.disc.readout_ffn_dim = 128
+  c.disc.freeze_below = 0
 
-  config.output = ml_collections.ConfigDict()
-  config.output.fps = 8.0
-  config.output.upscale = 8
-  return config
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.chunk_frames = 3
+  c.rollout.denoising_steps = (1000.0, 750.0, 500.0, 250.0)
+  c.rollout.shift = 5.0
+  c.rollout.window_frames = 0          # 0: global attention over the whole video
+  c.rollout.sink_frames = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.teacher = "synthetic"
+  c.data.teacher_offset = 1.0          # the synthetic teacher's visible property
+  c.data.num_prompts = 64
+  c.data.text_length = 8
+  c.data.batch_size = 8
+  c.data.num_frames = 6                # latent frames
+  c.data.height = 4                    # latent height
+  c.data.width = 6                     # latent width
+
+  c.afd = ml_collections.ConfigDict()
+  c.afd.beta = 1.0
+  c.afd.a_max = 5.0
+  c.afd.adv_mode = "all"
+  c.afd.group_size = 1
+  c.afd.reg_weight = 1e-4
+  c.afd.nft_passes = 4
+  c.afd.nft_levels = "rollout"
+  c.afd.disc_tau_max = 0.1
+  c.afd.r1_weight = 0.0
+  c.afd.r2_weight = 0.0
+  c.afd.penalty_sigma = 0.01
+  c.afd.ema_decay = 0.99
+  c.afd.ema_start = 0
+  c.afd.old_decay_type = 1
+  c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
+
+  c.optim = ml_collections.ConfigDict()
+  for name, lr in (("student", 3e-4), ("disc", 1e-3)):
+    o = ml_collections.ConfigDict()
+    o.lr, o.b1, o.b2, o.weight_decay, o.eps, o.grad_clip, o.warmup_steps = (
+        lr, 0.0, 0.999, 0.01, 1e-8, 10.0, 0)
+    c.optim[name] = o
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 20
+  c.train.log_every = 1
+  c.train.checkpoint_every = 10
+  c.train.keep_last = 3
+  c.train.keep_every = 0
+  c.train.max_nonfinite = 5
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0               # 0: all visible devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.logical_rules = (("embed", "fsdp"),)  # logical axis -> mesh axis; the rest is replicated
+
+  c.output = ml_collections.ConfigDict()
+  c.output.fps = 8.0
+  c.output.upscale = 8
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.kill_at_step = -1            # preemption drills: SIGKILL ourselves after this step
+  c.debug.term_at_step = -1            # ... or SIGTERM
+  c.debug.nan_at_step = -1             # poison the student batch at this step
+  return c

@@ -1,0 +1,65 @@
+"""What a user watches: progress with steps/s and ETA, TensorBoard scalars and ``metrics.jsonl``.
+
+Only process 0 writes. Every logged step is one JSON object per line with ``step``, so the file
+plots with any tool and survives crashes (each line is flushed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+  def __init__(self, workdir, total_steps: int, start_step: int = 0):
+    self.active = jax.process_index() == 0
+    self.total = total_steps
+    self._last_step, self._last_time = start_step, time.perf_counter()
+    if self.active:
+      from tensorboardX import SummaryWriter
+      workdir = Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> dict:
+    """Logs scalars for ``step`` and returns them as floats, with throughput and ETA added."""
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    now = time.perf_counter()
+    done, elapsed = step - self._last_step, now - self._last_time
+    if done > 0:  # throughput since the previous log line (the first includes compilation)
+      values["perf/steps_per_second"] = done / elapsed
+      values["perf/eta_seconds"] = (self.total - step) * elapsed / done
+    self._last_step, self._last_time = step, now
+    if self.active:
+      self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self._jsonl.flush()
+      for k, v in values.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+      eta = values.get("perf/eta_seconds", float("nan"))
+      logging.info("step %d/%d  %.2f steps/s  ETA %s  %s", step, self.total,
+                   values.get("perf/steps_per_second", float("nan")), _clock(eta),
+                   "  ".join(f"{k}={values[k]:.4g}" for k in sorted(values)
+                             if not k.startswith("perf/"))[:400])
+    return values
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _clock(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,176 @@
+"""The trainer: config errors, preemption (SIGTERM, SIGKILL) with bit-identical resume, corrupt
+checkpoints, non-finite updates, and single- versus multi-device equivalence.
+
+Runs share a persistent compilation cache (set in conftest), so repeated programs compile once.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from afd_jax import checkpoint as ckpt_lib
+from afd_jax import train
+from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides):
+  c = tiny.get_config()
+  c.train.num_steps = 4
+  c.train.checkpoint_every = 2
+  c.afd.nft_passes = 2
+  c.data.num_frames = 3  # one chunk: causal structure is tested in test_wan / test_rollout
+  c.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _flags(overrides):
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _run(workdir, **overrides):
+  base = {"train.num_steps": 4, "train.checkpoint_every": 2, "afd.nft_passes": 2,
+          "data.num_frames": 3, "mesh.num_devices": 1}
+  base.update(overrides)
+  return subprocess.run([sys.executable, "-m", "afd_jax.main", "--config=configs/tiny.py",
+                         f"--workdir={workdir}", *_flags(base)], cwd=ROOT, capture_output=True,
+                        text=True, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("method", "dpo", "config.method"),
+    ("train.num_steps", 0, "num_steps"),
+    ("data.num_frames", 5, "not a multiple of config.rollout.chunk_frames"),
+    ("data.height", 5, "must be even"),
+    ("afd.group_size", 3, "group_size"),
+    ("data.teacher", "veo", "teacher"),
+    ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
+])
+def test_config_errors_name_the_field(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.validate(small_config(**{key: value}))
+
+
+def test_mesh_and_batch_errors():
+  with pytest.raises(ValueError, match="does not divide"):
+    train.Trainer(small_config(**{"mesh.num_devices": 8, "mesh.data": 3}), "/tmp/unused")
+  with pytest.raises(ValueError, match="not divisible by the 8 data x fsdp devices"):
+    train.Trainer(small_config(**{"mesh.num_devices": 8, "data.batch_size": 4}), "/tmp/unused")
+  with pytest.raises(ValueError, match="nft_passes"):
+    train.Trainer(small_config(**{"afd.nft_passes": 5}), "/tmp/unused")
+
+
+def test_preemption_and_kill_resume_bit_identically(tmp_path):
+  """SIGTERM saves and exits; SIGKILL loses only the work since the last checkpoint; the resumed
+  run ends with exactly the state of an uninterrupted one."""
+  straight = _run(tmp_path / "straight")
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+
+  work = tmp_path / "interrupted"
+  term = _run(work, **{"debug.term_at_step": 1})
+  assert term.returncode == 0, term.stderr[-3000:]
+  assert "stopped after step 1 on SIGTERM" in term.stderr
+  killed = _run(work, **{"debug.kill_at_step": 3})
+  assert killed.returncode == -9
+  assert "resumed from step 1" in killed.stderr
+  resumed = _run(work)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # Step 2's asynchronous save may or may not have finished before the kill: either way the run
+  # resumes from a complete checkpoint.
+  assert "resumed from step" in resumed.stderr
+  final = json.loads((work / "summary.json").read_text())
+  assert final["state_digest"] == reference["state_digest"]
+
+  lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+  for key in ("disc/bt_loss", "disc/accuracy", "disc/teacher_logit", "disc/student_logit",
+              "adv/mean", "adv/std", "adv/clipped_frac", "r/mean", "nft/loss", "nft/positive",
+              "nft/negative", "reg/loss", "student/grad_norm", "disc/grad_norm", "student/lr",
+              "time/rollout_s", "time/disc_s", "time/student_s", "perf/steps_per_second"):
+    assert key in lines[-1], key
+  assert list((tmp_path / "straight" / "tensorboard").iterdir())
+  assert Path(reference["samples"]).exists()
+
+  with pytest.raises(ValueError, match="method='afd'"):
+    train.Trainer(small_config(method="sft"), work).run()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  trainer = train.Trainer(small_config(method="sft"), tmp_path)
+  trainer.run()
+  latest = tmp_path / "checkpoints" / "4" / "state"
+  for f in latest.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"corrupt")
+  again = train.Trainer(small_config(method="sft"), tmp_path)
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+  assert again._restore(ckpt) == 2
+  ckpt.close()
+
+
+def test_nonfinite_updates_are_rejected_then_stop_the_run(tmp_path):
+  cfg = small_config(**{"debug.nan_at_step": 1, "train.num_steps": 3, "train.checkpoint_every": 1})
+  trainer = train.Trainer(cfg, tmp_path)
+  trainer.run()
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["student/rejected"] for l in lines] == [0.0, 1.0, 0.0]
+
+  cfg = small_config(**{"debug.nan_at_step": 0, "train.max_nonfinite": 1})
+  with pytest.raises(FloatingPointError, match="checkpoint"):
+    train.Trainer(cfg, tmp_path / "stop").run()
+
+
+@pytest.mark.parametrize("method", ["afd", "pretrain"])
+def test_single_and_multi_device_runs_agree(tmp_path, method):
+  """The same run on 1 device and on a 4 (data) x 2 (fsdp) mesh of 8 devices; then the 1-device
+  checkpoint restores onto the 8-device mesh."""
+  one = train.Trainer(small_config(method=method, **{"train.num_steps": 2,
+                                                     "afd.disc_warmup_steps": 1}), tmp_path / "one")
+  one.run()
+  eight = train.Trainer(small_config(method=method, **{
+      "train.num_steps": 2, "afd.disc_warmup_steps": 1, "mesh.num_devices": 8, "mesh.data": 4,
+      "mesh.fsdp": 2}), tmp_path / "eight")
+  eight.run()
+  kernel = eight.state["student"]["params"]["blocks"]["ffn_in"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+  # The per-step losses and logits agree to float tolerance ...
+  logs = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+          for d in ("one", "eight")]
+  for x, y in zip(*logs):
+    for key in ("disc/bt_loss", "nft/loss", "fm/loss", "reg/loss"):
+      if key in x:
+        np.testing.assert_allclose(x[key], y[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    if "disc/teacher_logit" in x:  # the gap, not the level: the level drifts with the free bias
+      gap = lambda m: m["disc/teacher_logit"] - m["disc/student_logit"]
+      np.testing.assert_allclose(gap(x), gap(y), rtol=1e-4, atol=1e-5)
+  # ... and so do the parameters. Adam (b1 = 0) rescales every gradient element to about +-lr,
+  # so an element whose gradient is at the float-noise level (e.g. the logit bias, which the BT
+  # loss cannot see) may differ by up to 2 lr per step; all others agree tightly.
+  bound = 2 * 2 * max(one.config.optim.disc.lr, one.config.optim.student.lr)
+  for a, b in zip(jax.tree.leaves(one.state), jax.tree.leaves(eight.state)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = np.abs(a - b)
+    assert diff.max() <= bound
+    assert np.sum(diff > 2e-5 + 2e-4 * np.abs(b)) <= max(1, b.size // 1000)
+  if method == "afd":
+    moved = train.Trainer(small_config(method=method, **{
+        "train.num_steps": 2, "mesh.num_devices": 8, "mesh.data": 4, "mesh.fsdp": 2}),
+        tmp_path / "one")
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "one" / "checkpoints")
+    assert moved._restore(ckpt) == 2
+    ckpt.close()
+    assert moved.digest() == one.digest()
