@@ -9,6 +9,7 @@ videos from the causal student (random or loaded from ``config.model.checkpoint`
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def main(argv):
   if config.mode == "rollout":
     run_rollout(config, workdir)
     return
+  try:
+    train.validate(config)
+  except ValueError as e:  # a readable message, no traceback
+    sys.exit(f"afd_jax: {e}")
   summary = train.run(config, workdir)
   print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 

@@ -63,9 +63,9 @@ def validate(config: ml_collections.ConfigDict):
                     f"config.rollout.chunk_frames={r.chunk_frames}")
   if d.height % 2 or d.width % 2:
     problems.append(f"latent height/width {d.height}x{d.width} must be even (Wan's 2x2 patches)")
-  if d.batch_size % config.afd.group_size:
-    problems.append(f"config.data.batch_size={d.batch_size} is not a multiple of "
-                    f"config.afd.group_size={config.afd.group_size}")
+  if config.afd.group_size != 1:
+    problems.append(f"config.afd.group_size={config.afd.group_size}: the trainer pairs one teacher "
+                    "video with one rollout per prompt so far; use 1 (the default)")
   if d.teacher != "synthetic":
     problems.append(f"config.data.teacher={d.teacher!r}: only 'synthetic' is available so far "
                     "(teacher stores are built with afd_jax.tools.build_teacher_store)")

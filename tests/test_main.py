@@ -29,3 +29,11 @@ def test_bad_config_fails_before_compiling(tmp_path):
   assert proc.returncode != 0 and "not a multiple of" in proc.stderr
   proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.mode=serve")
   assert proc.returncode != 0 and "config.mode" in proc.stderr
+
+
+def test_wan_ar_config_names_what_is_missing_before_compiling(tmp_path):
+  proc = _main("--config=configs/wan_ar.py", f"--workdir={tmp_path}")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "config.model.checkpoint='checkpoints/student_1.3b' does not exist" in proc.stderr
+  assert "python -m afd_jax.tools.convert_wan SRC DST" in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()

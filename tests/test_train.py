@@ -55,7 +55,7 @@ def _run(workdir, **overrides):
     ("train.num_steps", 0, "num_steps"),
     ("data.num_frames", 5, "not a multiple of config.rollout.chunk_frames"),
     ("data.height", 5, "must be even"),
-    ("afd.group_size", 3, "group_size"),
+    ("afd.group_size", 2, "group_size"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
 ])
