@@ -174,3 +174,16 @@ def test_single_and_multi_device_runs_agree(tmp_path, method):
     assert moved._restore(ckpt) == 2
     ckpt.close()
     assert moved.digest() == one.digest()
+
+
+def test_afd_moves_the_student_toward_the_teacher(tmp_path):
+  """The synthetic teacher's videos carry a +1 offset on one latent channel; the random student's
+  do not. 300 AFD iterations close most of that gap, measured on held-out prompts from rollouts
+  of the EMA student, with no discriminator involved (2026-11-21: 0.94 -> 0.41)."""
+  cfg = small_config(**{"train.num_steps": 300, "train.checkpoint_every": 0, "train.log_every": 100,
+                        "afd.ema_decay": 0.9})
+  trainer = train.Trainer(cfg, tmp_path)
+  before = trainer.write_samples(0)["eval/property_gap"]
+  after = trainer.run()["eval/property_gap"]
+  assert before > 0.8
+  assert after < 0.6 * before, (before, after)
