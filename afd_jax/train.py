@@ -104,6 +104,40 @@ def optimizer(o, max_nonfinite: int):
   return optax.apply_if_finite(inner, max_consecutive_errors=max_nonfinite + 1)
 
 
+def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
+  """Self-Forcing's two parameter groups: the trunk at ``lr``, readouts and head at
+  ``lr * head_lr_multiplier``, one global-norm clip over both. Frozen trunk blocks (and the patch
+  embedding below them), and the trunk's unused output head, get no update at all, weight decay
+  included."""
+  def adamw(lr):
+    schedule = (optax.linear_schedule(0.0, lr, o.warmup_steps) if o.warmup_steps
+                else optax.constant_schedule(lr))
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+  labels = lambda params: {k: jax.tree.map(lambda _: "trunk" if k == "trunk" else "readout", v)
+                           for k, v in params.items()}
+
+  def freeze(updates, state, params=None):
+    del params
+
+    def zero(path, u):
+      top = path[0].key
+      if top == "head" or (freeze_below and top == "patch_embedding"):
+        return jnp.zeros_like(u)
+      if freeze_below and top == "blocks":
+        return u.at[:freeze_below].set(0)
+      return u
+
+    return dict(updates, trunk=jax.tree_util.tree_map_with_path(zero, updates["trunk"])), state
+
+  inner = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.multi_transform({"trunk": adamw(o.lr), "readout": adamw(o.lr * o.head_lr_multiplier)},
+                            labels),
+      optax.GradientTransformation(lambda params: optax.EmptyState(), freeze))
+  return optax.apply_if_finite(inner, max_consecutive_errors=max_nonfinite + 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models and state.
 
@@ -166,7 +200,8 @@ class Trainer:
       self.disc_graph, dparams = nnx.split(disc)
       dparams = jax.device_put(nnx.to_pure_dict(dparams),
                                mesh_lib.param_shardings(dparams, self.mesh, rules))
-      self.tx_disc = optimizer(config.optim.disc, config.train.max_nonfinite)
+      self.tx_disc = disc_optimizer(config.optim.disc, config.disc.freeze_below,
+                                    config.train.max_nonfinite)
       state["old"] = params
       state["ref"] = params
       state["disc"] = {"params": dparams, "opt": jax.jit(self.tx_disc.init)(dparams)}

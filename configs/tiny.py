@@ -68,7 +68,7 @@ def get_config():
     o.lr, o.b1, o.b2, o.weight_decay, o.eps, o.grad_clip, o.warmup_steps = (
         lr, 0.0, 0.999, 0.01, 1e-8, 10.0, 0)
     c.optim[name] = o
-
+  c.optim.disc.head_lr_multiplier = 1.0  # readouts and head learn at lr x this
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 20
   c.train.log_every = 1

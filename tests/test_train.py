@@ -187,3 +187,31 @@ def test_afd_moves_the_student_toward_the_teacher(tmp_path):
   after = trainer.run()["eval/property_gap"]
   assert before > 0.8
   assert after < 0.6 * before, (before, after)
+
+
+def test_frozen_discriminator_blocks_and_head_groups(tiny_model, inputs):
+  """Frozen trunk blocks do not move at all (no weight decay either); the trunk's unused output
+  head never moves; readouts and head learn at their own learning rate."""
+  from flax import nnx
+  from afd_jax import steps
+  from afd_jax.models import discriminator as D
+  latents, context = inputs
+  disc = D.init(tiny_model, D.DiscriminatorConfig((1,), 96, freeze_below=1))
+  graphdef, params = nnx.split(disc)
+  params = nnx.to_pure_dict(params)
+  o = small_config().optim.disc
+  o.head_lr_multiplier = 0.0
+  tx = train.disc_optimizer(o, freeze_below=1, max_nonfinite=5)
+  step = jax.jit(steps.make_disc_step(graphdef, tx, steps.AFDConfig()))
+  new, _, _ = step(params, tx.init(params), latents + 1.0, latents, context, jax.random.key(0))
+  blocks, new_blocks = params["trunk"]["blocks"], new["trunk"]["blocks"]
+  for a, b in zip(jax.tree.leaves(blocks), jax.tree.leaves(new_blocks)):
+    np.testing.assert_array_equal(a[0], b[0])                    # block 0 frozen
+  assert any(not np.array_equal(a[1], b[1])
+             for a, b in zip(jax.tree.leaves(blocks), jax.tree.leaves(new_blocks)))
+  for part in (["trunk", "head"], ["trunk", "patch_embedding"], ["readouts"], ["head_out"]):
+    a, b = params, new
+    for k in part:
+      a, b = a[k], b[k]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)                         # frozen, or lr x 0
