@@ -11,7 +11,7 @@ import math
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -52,14 +52,8 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict:
                          f"for {name!r}.")
     return NamedSharding(mesh, P(*axes))
 
-  flat = {path: one(path, var) for path, var in nnx.to_flat_state(abstract_state)}
-  nested: dict = {}
-  for path, sharding in flat.items():
-    node = nested
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = sharding
-  return nested
+  return traverse_util.unflatten_dict(
+      {path: one(path, var) for path, var in nnx.to_flat_state(abstract_state)})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from afd_jax.models import wan
 
@@ -248,13 +248,7 @@ def state_from_original(sd: dict[str, np.ndarray], cfg: wan.WanConfig) -> dict:
       flat[tuple(p for p in entry[0] if p)] = arr
   for path, arrs in stacks.items():
     flat[path] = np.stack(arrs)
-  nested: dict = {}
-  for path, arr in flat.items():
-    node = nested
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = arr
-  return nested
+  return traverse_util.unflatten_dict(flat)
 
 
 def _natural(key: str):
