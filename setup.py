@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["afd_jax", "afd_jax.*"]),
+    package_data={"afd_jax": ["assets/**/*"]},  # the physics demo's base student
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -25,6 +26,9 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "tensorboardX>=2.6",
+        "av>=14",              # PyAV: mp4/webm decoding and encoding (bundles FFmpeg)
+        "array-record>=0.7",   # TFDS teacher stores are ArrayRecord files (random access)
+        "matplotlib>=3.8",     # metric curves as PNG
     ],
     extras_require={
         # torch only to read Self-Forcing / CausVid .pt files; the pinned CPU build keeps CUDA out.

@@ -1,32 +1,64 @@
-"""Prompts and a deterministic, resumable data order.
+"""Prompts, teacher latents and a deterministic, resumable data order.
 
-The batch of step ``k`` depends only on ``(seed, k)``: a fresh permutation of the prompt pool per
-epoch, read sequentially, so a run resumed from a checkpoint at step k sees exactly the prompts
-an uninterrupted run would. Each host takes its own slice of the global batch.
+The batch of step ``k`` depends only on ``(seed, k)``: a fresh permutation of the training prompts
+per epoch, read sequentially, so a run resumed from a checkpoint at step k sees exactly the
+prompts an uninterrupted run would. Each host takes its own slice of the global batch and reads
+only those prompts' teacher samples. Which of a prompt's teacher samples a step sees is also a
+function of ``(seed, step, prompt)``, so a fixed teacher-sample budget (``teacher_samples`` per
+prompt) is honoured exactly and reproducibly.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
 import jax
 import numpy as np
 
+from afd_jax import encoders as encoders_lib
+
 
 class PromptPool:
-  """Prompt ids with their text embeddings ``[N, L, text_dim]``.
+  """Prompts with their text embeddings ``[N, L, text_dim]``; the last ``num_eval`` are held out
+  from training (evaluation prompts).
 
-  ``random`` builds a reproducible pool of Gaussian embeddings (tiny configs, random students);
-  real pools load precomputed umT5 embeddings with the teacher stores.
+  ``random`` builds a reproducible pool of Gaussian embeddings (tiny configs, random students).
   """
 
-  def __init__(self, embeddings: np.ndarray):
-    self.embeddings = np.asarray(embeddings, np.float32)
+  def __init__(self, embeddings: np.ndarray, prompts: Sequence[str] | None = None,
+               num_eval: int = 0):
+    # A store's embeddings stay on disk until indexed (umT5 contexts are 8 MB a prompt).
+    self.embeddings = (np.asarray(embeddings, np.float32)
+                       if isinstance(embeddings, (np.ndarray, list)) else embeddings)
+    self.prompts = list(prompts) if prompts is not None else [f"prompt {i}"
+                                                              for i in range(len(embeddings))]
+    if len(self.prompts) != len(self.embeddings):
+      raise ValueError(f"{len(self.prompts)} prompts but {len(self.embeddings)} embeddings.")
+    if not 0 <= num_eval < len(self.prompts):
+      raise ValueError(f"num_eval={num_eval} held-out prompts leave none of the "
+                       f"{len(self.prompts)} prompts for training.")
+    self.num_eval = num_eval
 
   @classmethod
-  def random(cls, num_prompts: int, length: int, dim: int, seed: int = 0) -> "PromptPool":
-    return cls(np.random.default_rng([seed, 7]).standard_normal((num_prompts, length, dim)))
+  def random(cls, num_prompts: int, length: int, dim: int, seed: int = 0,
+             num_eval: int = 0) -> "PromptPool":
+    emb = np.random.default_rng([seed, 7]).standard_normal((num_prompts + num_eval, length, dim))
+    return cls(emb, num_eval=num_eval)
 
   def __len__(self):
     return self.embeddings.shape[0]
+
+  @property
+  def num_train(self) -> int:
+    return len(self) - self.num_eval
+
+  def eval_ids(self, n: int | None = None) -> np.ndarray:
+    """The held-out prompts (or, without any, the last ``n`` prompts)."""
+    n = n or self.num_eval
+    return np.arange(len(self) - n, len(self))
 
 
 def batch_ids(step: int, batch_size: int, pool_size: int, seed: int) -> np.ndarray:
@@ -47,3 +79,105 @@ def host_slice(global_ids: np.ndarray) -> np.ndarray:
     raise ValueError(f"global batch {len(global_ids)} is not divisible by {n} processes.")
   per = len(global_ids) // n
   return global_ids[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
+def teacher_sample(seed: int, step: int, prompt_id: int, samples_per_prompt: int) -> int:
+  """Which teacher sample of ``prompt_id`` step ``step`` uses: one of ``samples_per_prompt``
+  (a fixed budget), or a new one every step when it is 0."""
+  if samples_per_prompt <= 0:
+    return int(step)
+  return int(np.random.default_rng([seed, step, prompt_id]).integers(samples_per_prompt))
+
+
+class EncodedTeacher:
+  """A black-box video teacher (prompts and a seed in, uint8 videos out) seen through a latent
+  encoder. Encoded samples are cached in memory: each (prompt, sample) is rendered once."""
+
+  def __init__(self, teacher, prompts: Sequence[str], encoder: encoders_lib.LatentEncoder,
+               samples_per_prompt: int, seed: int):
+    self.teacher, self.prompts, self.encoder = teacher, list(prompts), encoder
+    self.samples_per_prompt, self.seed = samples_per_prompt, seed
+    self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+  def videos(self, ids, sample: int) -> np.ndarray:
+    """uint8 ``[B, T, H, W, 3]`` teacher videos of one sample index (evaluation)."""
+    return np.asarray(self.teacher([self.prompts[i] for i in ids], sample))
+
+  def latents(self, ids, step: int) -> np.ndarray:
+    keys = [(int(i), teacher_sample(self.seed, step, int(i), self.samples_per_prompt))
+            for i in ids]
+    missing = sorted({k for k in keys if k not in self._cache}, key=lambda k: (k[1], k[0]))
+    for sample in sorted({s for _, s in missing}):
+      group = [i for i, s in missing if s == sample]
+      for i, video in zip(group, self.videos(group, sample)):
+        self._cache[(i, sample)] = self.encoder.encode(video)
+    if self.samples_per_prompt <= 0:  # unbounded: keep only what this step used
+      out = np.stack([self._cache[k] for k in keys])
+      self._cache.clear()
+      return out
+    return np.stack([self._cache[k] for k in keys])
+
+
+_END = object()
+
+
+class Prefetcher:
+  """Runs ``fn(step)`` for the steps of ``steps``, in order, up to ``depth`` ahead of the trainer,
+  in one background thread, so reading step k+1 overlaps computing step k.
+
+  ``get(step)`` must be called for the steps in the same order; it returns ``fn(step)`` or raises
+  what ``fn`` raised. ``close()`` (or leaving a ``with`` block) stops the thread; a resumed run
+  makes a new Prefetcher starting at its resume step.
+  """
+
+  def __init__(self, fn: Callable[[int], Any], steps: Iterable[int], depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"Prefetcher depth must be >= 1, got {depth}.")
+    self._fn, self._steps = fn, iter(steps)
+    self._slots = threading.Semaphore(depth)
+    self._ready: queue.SimpleQueue = queue.SimpleQueue()
+    self._stop = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(target=self._run, name="afd_jax-prefetch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    for step in self._steps:
+      self._slots.acquire()
+      if self._stop.is_set():
+        return
+      try:
+        self._ready.put((step, self._fn(step), None))
+      except BaseException as e:  # handed to the trainer's thread by get()
+        self._ready.put((step, None, e))
+        return
+    self._ready.put((_END, None, None))
+
+  def get(self, step: int) -> Any:
+    if self._done:
+      raise RuntimeError(f"Prefetcher.get({step}): the prefetcher is closed, exhausted or failed.")
+    got, value, error = self._ready.get()
+    self._slots.release()
+    if got is _END or error is not None or got != step:
+      self.close()
+    if error is not None:
+      raise error
+    if got is _END:
+      raise RuntimeError(f"Prefetcher.get({step}): past the last prefetched step.")
+    if got != step:
+      raise RuntimeError(f"Prefetcher.get({step}) but the next prefetched step is {got}: call "
+                         "get for the steps in the order given.")
+    return value
+
+  def close(self):
+    """Stops the thread (after the ``fn`` call in flight, if any)."""
+    self._done = True
+    self._stop.set()
+    self._slots.release()
+    self._thread.join()
+
+  def __enter__(self) -> Prefetcher:
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -113,12 +113,14 @@ def _per_chunk(x, chunk_frames: int):
   return x.reshape(b, f // chunk_frames, -1)
 
 
-def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, chunk_frames: int):
+def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, chunk_frames: int,
+             negative_branch: bool = True):
   """DiffusionNFT's policy loss on the student's own noised samples.
 
   ``v_theta`` (with gradient), ``v_old`` (old policy), ``x_t``, ``x0`` (the clean rollout sample):
   ``[B, F, H, W, C]``; ``sigma``: per frame ``[B, F]`` (constant within a chunk); ``r``: ``[B]``.
-  Returns the scalar loss and its parts.
+  ``negative_branch=False`` drops the ``(1 - r)`` term: reward-weighted flow matching toward the
+  student's own samples (the ablation "positive-only updates"). Returns the scalar loss and parts.
   """
   v_old = jax.lax.stop_gradient(v_old)
   v_pos = beta * v_theta + (1.0 - beta) * v_old
@@ -130,7 +132,7 @@ def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, ch
   loss_pos = jnp.mean(jnp.square(err_pos), -1) / w_pos
   loss_neg = jnp.mean(jnp.square(err_neg), -1) / w_neg
   r = r[:, None]
-  per_group = a_max * (r * loss_pos + (1.0 - r) * loss_neg) / beta
+  per_group = a_max * (r * loss_pos + ((1.0 - r) * loss_neg if negative_branch else 0.0)) / beta
   return jnp.mean(per_group), {"nft/loss": jnp.mean(per_group), "nft/positive": jnp.mean(loss_pos),
                                "nft/negative": jnp.mean(loss_neg)}
 

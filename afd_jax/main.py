@@ -3,7 +3,9 @@
 Modes (``config.mode``): ``train`` runs ``config.method`` (afd, sft, afd_frozen_disc, pretrain;
 see ``afd_jax/train.py``), resuming from ``DIR/checkpoints`` when present; ``rollout`` samples
 videos from the causal student (random or loaded from ``config.model.checkpoint``) into
-``DIR/samples`` with a ``DIR/rollout.json`` summary.
+``DIR/samples`` with a ``DIR/rollout.json`` summary; ``experiment`` trains ``config.method`` from a
+base student and evaluates base, trained student and teacher on held-out prompts into
+``DIR/report.json`` (``configs/demo.py``; see ``afd_jax/experiment.py``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from afd_jax import experiment
 from afd_jax import rollout as rollout_lib
 from afd_jax import train
 from afd_jax import video
-from afd_jax.models import wan
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training/sampling config.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
-MODES = ("train", "rollout")
+MODES = ("train", "rollout", "experiment")
 
 
 def log_environment():
@@ -103,6 +105,9 @@ def main(argv):
     train.validate(config)
   except ValueError as e:  # a readable message, no traceback
     sys.exit(f"afd_jax: {e}")
+  if config.mode == "experiment":
+    experiment.run(config, workdir)
+    return
   summary = train.run(config, workdir)
   print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 

@@ -2,7 +2,8 @@
 
 For chunk ``b`` (``chunk_frames`` latent frames): start from the initial noise; for each warped
 timestep ``t_q`` predict the velocity against the cache, take ``x0 = x - s_q v``, and, except after
-the last step, re-noise with *fresh* noise to ``s_{q+1}``. The chunk's output is the last ``x0``.
+the last step, re-noise with *fresh* noise to ``s_{q+1}`` (``sampler="ode"`` takes the
+deterministic Euler step ``x + (s_{q+1} - s_q) v`` instead, for undistilled students). The chunk's output is the last ``x0``.
 A ``t = 0`` pass over that clean chunk then commits its post-RoPE K/V to the cache; later chunks
 attend to the committed K/V and to themselves. Text K/V are computed once.
 
@@ -30,6 +31,9 @@ from afd_jax import flow
 from afd_jax.models import wan
 
 
+SAMPLERS = ("renoise", "ode")
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   chunk_frames: int = 3
@@ -41,6 +45,14 @@ class RolloutConfig:
   window_frames: int | None = None
   sink_frames: int = 0
   unroll_steps: bool = False  # unrolled steps: longer compile, exact XLA cost analysis
+  # "renoise": Self-Forcing's x0-then-fresh-noise steps (for distilled few-step students);
+  # "ode": deterministic Euler steps of the flow ODE, for students that are plain flow-matching
+  # models (e.g. pretrained bases), whose x0 predictions are conditional means.
+  sampler: str = "renoise"
+
+  def __post_init__(self):
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"rollout sampler {self.sampler!r} is not one of {SAMPLERS}.")
 
   def timesteps(self) -> np.ndarray:
     steps = np.asarray(self.denoising_steps, np.float32)
@@ -114,8 +126,11 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
       t, s, s_next, k = step
       v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start)
       x0 = flow.x0_from_velocity(x, v, s)
-      fresh = jax.random.normal(k, x.shape, x.dtype)
-      x_next = jnp.where(s_next > 0, flow.add_noise(x0, fresh, s_next), x0)
+      if cfg.sampler == "ode":
+        x_next = x + (s_next - s) * v
+      else:
+        fresh = jax.random.normal(k, x.shape, x.dtype)
+        x_next = jnp.where(s_next > 0, flow.add_noise(x0, fresh, s_next), x0)
       return x_next, (x0, x, v)
 
     keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))

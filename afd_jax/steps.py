@@ -48,6 +48,7 @@ class AFDConfig:
   ema_decay: float = 0.99
   ema_start: int = 200
   old_decay_type: int = 1
+  negative_branch: bool = True     # False: reward-weighted flow matching (positive branch only)
 
   def __post_init__(self):
     if self.nft_levels not in ("rollout", "continuous"):
@@ -63,12 +64,29 @@ class AFDConfig:
                        "rollout levels; lower it or use nft_levels='continuous'.")
 
 
+def lr_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant."""
+  return (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
+          else optax.constant_schedule(lr))
+
+
 def adamw(lr, *, b1=0.0, b2=0.999, weight_decay=0.01, eps=1e-8, grad_clip=10.0, warmup_steps=0):
   """Global-norm clipping, then AdamW with a linear warm-up (Self-Forcing's full fine-tune)."""
-  schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
-              else optax.constant_schedule(lr))
   return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+                     optax.adamw(lr_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps,
+                                 weight_decay=weight_decay))
+
+
+def noise_levels(cfg: AFDConfig, key, batch: int, frames: int, passes: int):
+  """Per-frame sigmas ``[passes, B, F]`` for training passes, constant within each chunk: the
+  rollout's own levels permuted per chunk, or continuous shifted levels (``cfg.nft_levels``)."""
+  chunks = frames // cfg.chunk_frames
+  if cfg.nft_levels == "rollout":
+    levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
+    sig = losses.permuted_levels(key, levels, batch, chunks, passes)
+  else:
+    sig = losses.continuous_levels(key, batch, chunks, passes, cfg.shift)
+  return losses.chunk_to_frames(sig, cfg.chunk_frames)
 
 
 def old_policy_eta(step, decay_type: int):
@@ -148,7 +166,6 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
   ``student`` is ``{"params", "opt", "ema"}``; ``x0`` the clean rollouts ``[B, F, H, W, C]``.
   """
   f = cfg.chunk_frames
-  levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
 
   def context_of(params, x0, text):
     return jax.lax.stop_gradient(nnx.merge(graphdef, params).context_kv(x0, f, text))
@@ -158,14 +175,8 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
 
   def step(student, old_params, ref_params, x0, context, r, key, step_index):
     params = student["params"]
-    b, frames = x0.shape[:2]
-    chunks = frames // f
     k_lvl, k_eps = jax.random.split(key)
-    if cfg.nft_levels == "rollout":
-      sig = losses.permuted_levels(k_lvl, levels, b, chunks, cfg.nft_passes)
-    else:
-      sig = losses.continuous_levels(k_lvl, b, chunks, cfg.nft_passes, cfg.shift)
-    sig = losses.chunk_to_frames(sig, f)                                  # [J, B, F]
+    sig = noise_levels(cfg, k_lvl, *x0.shape[:2], cfg.nft_passes)          # [J, B, F]
     eps = jax.random.normal(k_eps, (cfg.nft_passes, *x0.shape), x0.dtype)
     text_old = nnx.merge(graphdef, old_params).text_kv(context)
     text_ref = nnx.merge(graphdef, ref_params).text_kv(context)
@@ -176,7 +187,8 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
     def pass_loss(p, x_t, t, sigma, v_old, v_ref):
       v_theta = velocity(p, x_t, t, ctx_theta, nnx.merge(graphdef, p).text_kv(context))
       nft, parts = losses.nft_loss(v_theta, v_old, x_t, x0, sigma, r, beta=cfg.beta,
-                                   a_max=cfg.a_max, chunk_frames=f)
+                                   a_max=cfg.a_max, chunk_frames=f,
+                                   negative_branch=cfg.negative_branch)
       reg = losses.velocity_regularizer(v_theta, v_ref, cfg.reg_weight)
       parts.update({"reg/loss": reg, "monitor/old_deviate": jnp.mean(jnp.square(v_theta - v_old)),
                     "monitor/kl_div": jnp.mean(jnp.square(v_theta - v_ref)),
@@ -221,16 +233,10 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
   videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
   level and sees the clean video as history (the cached teacher-forcing layout)."""
   f = cfg.chunk_frames
-  levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
 
   def step(student, x0, context, key, step_index):
-    b, frames = x0.shape[:2]
     k_lvl, k_eps = jax.random.split(key)
-    if cfg.nft_levels == "rollout":
-      sig = losses.permuted_levels(k_lvl, levels, b, frames // f, 1)[0]
-    else:
-      sig = losses.continuous_levels(k_lvl, b, frames // f, 1, cfg.shift)[0]
-    sig = losses.chunk_to_frames(sig, f)
+    sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                    # [B, F]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = flow.add_noise(x0, eps, sig)
 

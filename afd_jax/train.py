@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from afd_jax import checkpoint as ckpt_lib
@@ -35,12 +36,14 @@ from afd_jax import mesh as mesh_lib
 from afd_jax import metrics as metrics_lib
 from afd_jax import rollout as rollout_lib
 from afd_jax import steps
+from afd_jax import teachers
 from afd_jax import video
 from afd_jax.models import discriminator as disc_lib
 from afd_jax.models import wan
-from afd_jax.teachers.synthetic import SyntheticTeacher
+from afd_jax.models import wan_checkpoint
 
 METHODS = ("afd", "sft", "afd_frozen_disc", "pretrain")
+EVAL_SEED = 10**6  # evaluation noise and teacher samples: never used by training
 ADVERSARIAL = ("afd", "afd_frozen_disc")
 
 
@@ -66,9 +69,25 @@ def validate(config: ml_collections.ConfigDict):
   if config.afd.group_size != 1:
     problems.append(f"config.afd.group_size={config.afd.group_size}: the trainer pairs one teacher "
                     "video with one rollout per prompt so far; use 1 (the default)")
-  if d.teacher != "synthetic":
-    problems.append(f"config.data.teacher={d.teacher!r}: only 'synthetic' is available so far "
-                    "(teacher stores are built with afd_jax.tools.build_teacher_store)")
+  if d.teacher not in teachers.KINDS:
+    problems.append(f"config.data.teacher={d.teacher!r} is not one of {teachers.KINDS}")
+  elif d.teacher == "store" and not (d.store and Path(d.store).exists()):
+    problems.append(f"config.data.store={d.store!r} does not exist; build a teacher store with "
+                    "`python -m afd_jax.tools.build_teacher_store --prompts P.jsonl --videos DIR "
+                    "--out STORE` and point the field at STORE")
+  elif d.teacher == "http" and not d.teacher_url:
+    problems.append("config.data.teacher='http' needs config.data.teacher_url")
+  elif d.teacher == "callable" and ":" not in d.teacher_callable:
+    problems.append(f"config.data.teacher_callable={d.teacher_callable!r} must be 'module:function'")
+  if d.teacher in ("http", "callable") and not Path(d.prompts).is_file():
+    problems.append(f"config.data.prompts={d.prompts!r} must be a prompts file (.txt or .jsonl) "
+                    "for an online teacher")
+  if d.num_eval_prompts < 0 or d.num_eval_prompts % max(1, jax.process_count()):
+    problems.append(f"config.data.num_eval_prompts={d.num_eval_prompts} must be >= 0 and divisible "
+                    "by the number of processes")
+  if config.afd.nft_branches not in ("both", "positive"):
+    problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
+                    "'positive' (reward-weighted flow matching, no negative branch)")
   for field, path in (("config.model.checkpoint", config.model.checkpoint),
                       ("config.disc.checkpoint", config.disc.checkpoint)):
     if path and not Path(path).exists():
@@ -87,14 +106,14 @@ def afd_config(config) -> steps.AFDConfig:
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
       disc_tau_max=a.disc_tau_max, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
-      old_decay_type=a.old_decay_type)
+      old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both")
 
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:
   r = config.rollout
   return rollout_lib.RolloutConfig(
       chunk_frames=r.chunk_frames, denoising_steps=tuple(r.denoising_steps), shift=r.shift,
-      window_frames=r.window_frames or None, sink_frames=r.sink_frames)
+      window_frames=r.window_frames or None, sink_frames=r.sink_frames, sampler=r.sampler)
 
 
 def optimizer(o, max_nonfinite: int):
@@ -110,9 +129,8 @@ def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
   embedding below them), and the trunk's unused output head, get no update at all, weight decay
   included."""
   def adamw(lr):
-    schedule = (optax.linear_schedule(0.0, lr, o.warmup_steps) if o.warmup_steps
-                else optax.constant_schedule(lr))
-    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.adamw(steps.lr_schedule(lr, o.warmup_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                       weight_decay=o.weight_decay)
 
   labels = lambda params: {k: jax.tree.map(lambda _: "trunk" if k == "trunk" else "readout", v)
                            for k, v in params.items()}
@@ -148,7 +166,7 @@ def build_student(config) -> wan.WanModel:
                  remat_policy=m.remat_policy)
   if m.checkpoint:
     return wan.from_pretrained(m.checkpoint, **runtime)
-  return wan.init(wan.preset(m.preset, **runtime), seed=config.seed)
+  return wan.init(wan.preset(m.preset, **runtime, **m.overrides), seed=config.seed)
 
 
 def build_discriminator(config, student: wan.WanModel) -> disc_lib.Discriminator:
@@ -182,12 +200,11 @@ class Trainer:
     rules = tuple(tuple(r) for r in config.logical_rules)
     student = build_student(config)
     self.student_cfg = student.config
-    d = config.data
-    self.pool = data_lib.PromptPool.random(d.num_prompts, d.text_length, student.config.text_dim,
-                                           config.seed)
-    self.latent_shape = (d.num_frames, d.height, d.width, student.config.in_dim)
-    self.teacher = SyntheticTeacher(self.latent_shape, offset=d.teacher_offset)
+    self.data = teachers.from_config(config, student.config, self.workdir)
+    self.pool = self.data.pool
+    self.latent_shape = self.data.latent_shape
     self.student_graph, params = nnx.split(student)
+    self.student_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     param_sh = mesh_lib.param_shardings(params, self.mesh, rules)
     params = jax.device_put(nnx.to_pure_dict(params), param_sh)
     self.tx_student = optimizer(config.optim.student, config.train.max_nonfinite)
@@ -241,18 +258,23 @@ class Trainer:
 
   # -- data ------------------------------------------------------------------------------------
 
-  def _batch(self, step: int):
+  def _host_batch(self, step: int):
+    """This host's text embeddings and teacher latents of step ``step`` (numpy; runs in the
+    prefetch thread, so reading or rendering overlaps the previous step's compute)."""
     d = self.config.data
-    ids = data_lib.host_slice(data_lib.batch_ids(step, d.batch_size, len(self.pool),
+    ids = data_lib.host_slice(data_lib.batch_ids(step, d.batch_size, self.pool.num_train,
                                                  self.config.seed))
-    put = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)
-    return ids, put(self.pool.embeddings[ids]), put(self.teacher(ids, seed=step))
+    return self.pool.embeddings[ids], self.data.source.latents(ids, step)
+
+  def _to_global(self, local):
+    """This process's rows -> one batch-sharded global array."""
+    return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
   # -- the loop --------------------------------------------------------------------------------
 
-  def _iteration(self, step: int) -> dict:
+  def _iteration(self, step: int, batch) -> dict:
     state = self.state
-    _, context, teacher = self._batch(step)
+    context, teacher = map(self._to_global, batch)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_noise, k_roll, k_disc, k_student = jax.random.split(key, 4)
     timings = {}
@@ -288,7 +310,7 @@ class Trainer:
     opt = state["student"]["opt"]
     metrics["student/rejected"] = 1.0 - jnp.asarray(opt.last_finite, jnp.float32)
     o = self.config.optim.student
-    metrics["student/lr"] = o.lr * (min(1.0, step / o.warmup_steps) if o.warmup_steps else 1.0)
+    metrics["student/lr"] = steps.lr_schedule(o.lr, o.warmup_steps)(step)
     state["step"] = state["step"] + 1
     return dict(metrics, **timings)
 
@@ -323,11 +345,12 @@ class Trainer:
     start = self._restore(ckpt)
     writer = metrics_lib.MetricWriter(self.workdir, total, start)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    prefetch = data_lib.Prefetcher(self._host_batch, range(start, total))
     last = {}
     try:
       with jax.set_mesh(self.mesh):
         for step in range(start, total):
-          metrics = self._iteration(step)
+          metrics = self._iteration(step, prefetch.get(step))
           done = step + 1
           rejected = int(self.state["student"]["opt"].notfinite_count)
           if rejected:
@@ -338,7 +361,10 @@ class Trainer:
                 f"{rejected} consecutive non-finite updates at step {step}; stopping. The last "
                 f"good checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) in "
                 f"{ckpt.directory} is intact.")
-          if done % config.train.log_every == 0 or done == total:
+          evaluate = config.train.eval_every and done % config.train.eval_every == 0
+          if evaluate and done < total:
+            metrics.update(self.evaluate(done, write=False))
+          if done % config.train.log_every == 0 or done == total or evaluate:
             last = writer.write(done, metrics)
           self._debug_signal(done)
           if (done == total or self._stop_requested or (config.train.checkpoint_every and
@@ -349,8 +375,11 @@ class Trainer:
             logging.warning("stopped after step %d on SIGTERM; resume with the same command.",
                             done)
             return {"stopped_at": done, **last}
-        samples = self.write_samples(total)
+        if config.train.export and jax.process_index() == 0:
+          logging.info("exported the EMA student to %s", self.export(config.train.export))
+        samples = self.evaluate(total)
     finally:
+      prefetch.close()
       signal.signal(signal.SIGTERM, previous)
       ckpt.close()
       writer.close()
@@ -374,32 +403,88 @@ class Trainer:
     if done == self.config.debug.term_at_step:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  # -- samples ---------------------------------------------------------------------------------
+  # -- samples and evaluation ------------------------------------------------------------------
 
-  def write_samples(self, step: int) -> dict:
-    """Rollouts of the EMA student beside teacher videos on held-out prompts, as a GIF, plus the
-    teacher's visible property measured on both (no discriminator involved)."""
+  def sample(self, params, ids, seed: int) -> np.ndarray:
+    """Student rollouts ``[len(ids), F, h, w, C]`` (numpy, on every host) for global prompt
+    ``ids``, in batches of the training batch size (the rollout compiled for training)."""
     n = self.config.data.batch_size
-    ids = np.arange(len(self.pool) - n, len(self.pool))  # fixed, last prompts of the pool
-    put = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, data_lib.host_slice(x))
-    context = put(self.pool.embeddings[ids])
-    teacher = np.asarray(self.teacher(ids, seed=10**6))
-    noise = self.noise_fn(jax.random.key(self.config.seed + 10**6))
-    student = np.asarray(jax.device_get(self.rollout_fn(
-        self.state["student"]["ema"], noise, context, jax.random.key(self.config.seed + 1))))
-    ch = self.teacher.offset_channel
-    gap = float(abs(student[..., ch].mean() - teacher[..., ch].mean()))
-    out = {"eval/property_gap": gap, "eval/student_property": float(student[..., ch].mean()),
-           "eval/teacher_property": float(teacher[..., ch].mean())}
-    if jax.process_index() == 0:
-      up = self.config.output.upscale
-      frames = np.concatenate([video.tile(np.stack([video.latents_to_frames(v, upscale=up)
-                                                    for v in x])) for x in (teacher, student)], 1)
-      gif = video.write_gif(frames, self.workdir / "samples" / f"step_{step:06d}.gif",
+    padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % n)])
+    out = []
+    for i in range(0, len(padded), n):
+      context = self._to_global(data_lib.host_slice(self.pool.embeddings[padded[i:i + n]]))
+      noise = self.noise_fn(jax.random.fold_in(jax.random.key(seed), i))
+      x = self.rollout_fn(params, noise, context, jax.random.key(seed + 1 + i))
+      out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+    return np.concatenate(out)[:len(ids)]
+
+  def eval_ids(self) -> np.ndarray:
+    """The held-out prompts evaluation uses (never trained on)."""
+    return self.pool.eval_ids(self.pool.num_eval or self.config.data.batch_size)
+
+  def student_videos(self, params, ids, seed: int) -> np.ndarray:
+    """Rollouts as the teacher's kind of video: uint8 pixels for video teachers, else latents."""
+    x = self.sample(params, ids, seed)
+    return x if self.data.encoder is None else np.stack([self.data.encoder.decode(v) for v in x])
+
+  def teacher_videos(self, ids, seed: int) -> np.ndarray:
+    """The true-world teacher's videos (pixels), or synthetic latents."""
+    if self.data.encoder is None:
+      return self.data.source.latents(ids, seed)
+    return self.data.reference(ids, seed)
+
+  def score(self, videos, ids, reference) -> dict:
+    """Metrics of ``videos`` for prompts ``ids`` against teacher ``reference`` videos, with no
+    discriminator involved: ``afd_jax.eval`` on pixels, or the synthetic teacher's property."""
+    if self.data.encoder is None:
+      ch = self.data.source.offset_channel
+      student, teacher = float(videos[..., ch].mean()), float(reference[..., ch].mean())
+      return {"property_gap": abs(student - teacher), "student_property": student,
+              "teacher_property": teacher}
+    from afd_jax.eval import frechet, report as eval_report
+    if self.data.physics_world is None:  # prompts outside the physics grammar: distribution only
+      return {"frechet_distance": frechet.video_frechet(videos, reference)}
+    return eval_report.evaluate(videos, [self.pool.prompts[i] for i in ids], reference=reference,
+                                world=self.data.physics_world,
+                                chunk_frames=self.config.rollout.chunk_frames)
+
+  def viewable(self, videos) -> np.ndarray:
+    """uint8 ``[N, T, H, W, 3]`` frames at a watchable size."""
+    up = self.config.output.upscale
+    if self.data.encoder is None:
+      return np.stack([video.latents_to_frames(v, upscale=up) for v in videos])
+    up = max(1, up // self.config.data.encoder_patch)
+    return videos.repeat(up, axis=2).repeat(up, axis=3)
+
+  def evaluate(self, step: int, params=None, write: bool = True) -> dict:
+    """The student (EMA by default) on held-out prompts; process 0 writes a sample video (top:
+    teacher, bottom: student)."""
+    params = self.state["student"]["ema"] if params is None else params
+    ids = self.eval_ids()
+    teacher = self.teacher_videos(ids, EVAL_SEED)
+    student = self.student_videos(params, ids, self.config.seed + EVAL_SEED)
+    out = {f"eval/{k}": v for k, v in self.score(student, ids, teacher).items()}
+    if write and jax.process_index() == 0:
+      n = self.config.data.batch_size
+      grid = np.concatenate([video.tile(self.viewable(x[:n])) for x in (teacher, student)], 1)
+      gif = video.write_gif(grid, self.workdir / "samples" / f"step_{step:06d}.gif",
                             fps=self.config.output.fps)
       out["samples"] = str(gif)
-      logging.info("samples (top: teacher, bottom: student EMA) in %s; property gap %.4f", gif, gap)
+      logging.info("samples (top: teacher, bottom: student EMA) in %s", gif)
     return out
+
+  def copy(self, params):
+    """A device copy of student parameters with their shardings (safe from donation)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                   out_shardings=self.state_sharding["student"]["params"])(params)
+
+  def export(self, path) -> Path:
+    """The EMA student as a converted checkpoint (``wan.from_pretrained(path)`` loads it)."""
+    state = jax.tree.map(lambda x: x, self.student_template)
+    nnx.replace_by_pure_dict(state, jax.device_get(self.state["student"]["ema"]))
+    model = nnx.merge(self.student_graph, state)
+    return wan_checkpoint.save_converted(model, path, source=f"afd_jax {self.method} "
+                                         f"{self.workdir}")
 
 
 def run(config, workdir) -> dict:

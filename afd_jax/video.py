@@ -2,12 +2,17 @@
 
 Until a VAE is configured, latents are shown directly: three latent channels as RGB, each scaled
 by its own robust range and upsampled with nearest neighbours so structure stays visible.
+
+Teacher videos come and go as files too: ``read_video`` decodes any container FFmpeg reads (via
+PyAV) or a ``.npy`` array, ``write_mp4`` writes frames any player shows.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -38,3 +43,103 @@ def tile(videos: np.ndarray, pad: int = 2) -> np.ndarray:
   for i in range(n):
     out[:, :, i * (w + pad):i * (w + pad) + w] = videos[i]
   return out
+
+
+class VideoError(ValueError):
+  """A video file that cannot be used: missing, unreadable, corrupt, or not uint8 RGB frames."""
+
+
+def _checked(frames: np.ndarray, path: Path) -> np.ndarray:
+  if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+    raise VideoError(f"video {path} has shape {list(frames.shape)}; expected non-empty RGB frames "
+                     "[T, H, W, 3].")
+  return frames
+
+
+def _read_npy(path: Path) -> np.ndarray:
+  try:
+    x = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:  # np.load raises these for truncated or non-.npy bytes
+    raise VideoError(f"video {path} is not a readable .npy array ({e}); rewrite it with "
+                     "np.save.") from e
+  x = _checked(x, path)
+  if x.dtype == np.uint8:
+    return x
+  if np.issubdtype(x.dtype, np.floating) and np.isfinite(x).all() and x.min() >= 0 \
+      and x.max() <= 1:
+    return np.round(x * 255.0).astype(np.uint8)
+  raise VideoError(f"video {path} holds {x.dtype} values in [{x.min()}, {x.max()}]; store uint8 "
+                   "frames, or floats in [0, 1].")
+
+
+def _read_container(path: Path) -> np.ndarray:
+  try:
+    with av.open(str(path)) as container:
+      if not container.streams.video:
+        raise VideoError(f"video {path} has no video stream.")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+  except av.FFmpegError as e:
+    raise VideoError(f"video {path} cannot be decoded ({e}); the file is corrupt, truncated or "
+                     "not a video: re-encode or replace it.") from e
+  if not frames:
+    raise VideoError(f"video {path} holds no decodable frames.")
+  if len({f.shape for f in frames}) > 1:
+    raise VideoError(f"video {path} changes frame size mid-stream "
+                     f"({sorted({f.shape for f in frames})}); re-encode it at one size.")
+  return _checked(np.stack(frames), path)
+
+
+def read_video(path) -> np.ndarray:
+  """A video file as uint8 ``[T, H, W, 3]``: any container FFmpeg decodes (mp4, webm, mkv, avi,
+  mov, ...; first video stream, every frame), or a ``.npy`` array of uint8 frames or floats in
+  [0, 1]. Anything else raises ``VideoError`` naming the file, so callers can skip and report it.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise VideoError(f"video {path} does not exist.")
+  return _read_npy(path) if path.suffix.lower() == ".npy" else _read_container(path)
+
+
+def video_fps(path) -> float | None:
+  """The frame rate a container declares; None for ``.npy`` arrays (they carry none)."""
+  path = Path(path)
+  if path.suffix.lower() == ".npy":
+    return None
+  try:
+    with av.open(str(path)) as container:
+      rate = container.streams.video[0].average_rate if container.streams.video else None
+  except av.FFmpegError as e:
+    raise VideoError(f"video {path} cannot be opened ({e}).") from e
+  return float(rate) if rate else None
+
+
+def write_mp4(frames: np.ndarray, path, fps: float = 16.0) -> Path:
+  """Writes uint8 ``[T, H, W, 3]`` frames as an H.264 mp4 (MPEG-4 part 2 where this FFmpeg has no
+  libx264), yuv420p so that every player shows it.
+
+  yuv420p needs even sizes: an odd height or width gets one more row or column repeating the edge,
+  so such a file reads back one pixel larger. H.264 at CRF 18 is close to lossless, not lossless:
+  compare against what ``read_video`` returns, not the frames written.
+  """
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+    raise VideoError(f"write_mp4 takes uint8 frames [T, H, W, 3], got {frames.dtype} "
+                     f"{list(frames.shape)}.")
+  _, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  with av.open(str(path), "w", format="mp4") as container:
+    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+    stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+    if codec == "libx264":
+      stream.options = {"crf": "18"}
+    else:  # mpeg4 has no CRF; a generous bit rate keeps it near-lossless
+      stream.bit_rate = int(8 * frames.shape[1] * frames.shape[2] * fps)
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  return path

@@ -21,6 +21,7 @@ def get_config():
   c.model.attention_kernel = "auto"
   c.model.scan_layers = True
   c.model.remat_policy = "none"
+  c.model.overrides = ml_collections.ConfigDict()  # WanConfig fields over the preset (random init)
 
   c.disc = ml_collections.ConfigDict()
   c.disc.checkpoint = ""               # trunk weights; empty: a copy of the student
@@ -34,11 +35,22 @@ def get_config():
   c.rollout.shift = 5.0
   c.rollout.window_frames = 0          # 0: global attention over the whole video
   c.rollout.sink_frames = 0
+  c.rollout.sampler = "renoise"        # renoise (Self-Forcing, distilled) | ode (plain FM students)
 
   c.data = ml_collections.ConfigDict()
-  c.data.teacher = "synthetic"
+  c.data.teacher = "synthetic"         # synthetic | physics | store | callable | http
   c.data.teacher_offset = 1.0          # the synthetic teacher's visible property
-  c.data.num_prompts = 64
+  c.data.teacher_samples = 0           # teacher videos per prompt (the budget); 0: new every step
+  c.data.store = ""                    # teacher store (build_teacher_store --out)
+  c.data.teacher_url = ""              # http: POST {"prompts", "seed"} -> .npy videos
+  c.data.teacher_callable = ""         # callable: "module:function(prompts, seed) -> videos"
+  c.data.teacher_cache = ""            # online teachers' cache; empty: WORKDIR/teacher_cache
+  c.data.prompts = ""                  # online teachers: .txt / .jsonl prompts
+  c.data.encoder = "pixels"            # video -> latents (video teachers)
+  c.data.encoder_patch = 4
+  c.data.prompt_seed = 0               # physics: which grammar prompts
+  c.data.num_prompts = 64              # training prompts
+  c.data.num_eval_prompts = 8          # held-out prompts (evaluation, samples)
   c.data.text_length = 8
   c.data.batch_size = 8
   c.data.num_frames = 6                # latent frames
@@ -61,6 +73,7 @@ def get_config():
   c.afd.ema_start = 0
   c.afd.old_decay_type = 1
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
+  c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
 
   c.optim = ml_collections.ConfigDict()
   for name, lr in (("student", 3e-4), ("disc", 1e-3)):
@@ -69,6 +82,7 @@ def get_config():
         lr, 0.0, 0.999, 0.01, 1e-8, 10.0, 0)
     c.optim[name] = o
   c.optim.disc.head_lr_multiplier = 1.0  # readouts and head learn at lr x this
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 20
   c.train.log_every = 1
@@ -76,12 +90,23 @@ def get_config():
   c.train.keep_last = 3
   c.train.keep_every = 0
   c.train.max_nonfinite = 5
+  c.train.eval_every = 0               # evaluate held-out prompts every N steps (0: at the end)
+  c.train.export = ""                  # write the EMA student here at the end (convert_wan format)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0               # 0: all visible devices
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.logical_rules = (("embed", "fsdp"),)  # logical axis -> mesh axis; the rest is replicated
+
+  c.physics = ml_collections.ConfigDict()  # the physics teacher's world (data.teacher=physics)
+  c.physics.size = 32
+  c.physics.num_frames = 12
+  c.physics.fps = 8.0
+  c.physics.radius = 0.1
+  c.physics.max_balls = 3                  # prompts with 1..max_balls balls
+  c.physics.gravity_range = (1.0, 1.0)     # per-video scale of the prompt's gravity; (1, 1): true
+  c.physics.restitution_range = (1.0, 1.0)
 
   c.output = ml_collections.ConfigDict()
   c.output.fps = 8.0

@@ -89,3 +89,20 @@ def test_cache_plans_and_bad_configs():
   with pytest.raises(ValueError, match="sink_frames only"):
     R.plan_cache(21, R.RolloutConfig(sink_frames=3))
   np.testing.assert_allclose(R.RolloutConfig().timesteps(), [1000, 937.5, 833.3333, 625], rtol=1e-6)
+
+
+def test_ode_sampler_takes_deterministic_euler_steps(tiny_model):
+  """``sampler="ode"``: each step's input is the previous input plus (s_next - s) v, the same
+  block-causal velocities as the renoise sampler, and the key plays no part."""
+  cfg = R.RolloutConfig(denoising_steps=(1000.0, 750.0, 500.0, 250.0), shift=1.0, sampler="ode")
+  fn, args, latents, inter = _run(tiny_model, cfg, 6)
+  inter["context"] = args[2]
+  _assert_matches_full_forward(tiny_model, cfg, latents, inter)
+  sig = flow.timestep_to_sigma(cfg.timesteps())
+  for q in range(len(sig) - 1):
+    np.testing.assert_allclose(inter["inputs"][q + 1], inter["inputs"][q] + (sig[q + 1] - sig[q])
+                               * inter["velocities"][q], atol=1e-6)
+  other, _ = fn(args[0], args[1], args[2], jax.random.key(5))
+  np.testing.assert_array_equal(latents, other)
+  with pytest.raises(ValueError, match="sampler"):
+    R.RolloutConfig(sampler="heun")

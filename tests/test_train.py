@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from afd_jax import checkpoint as ckpt_lib
+from afd_jax import data
 from afd_jax import train
+from afd_jax.teachers import physics
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +185,7 @@ def test_afd_moves_the_student_toward_the_teacher(tmp_path):
   cfg = small_config(**{"train.num_steps": 300, "train.checkpoint_every": 0, "train.log_every": 100,
                         "afd.ema_decay": 0.9})
   trainer = train.Trainer(cfg, tmp_path)
-  before = trainer.write_samples(0)["eval/property_gap"]
+  before = trainer.evaluate(0)["eval/property_gap"]
   after = trainer.run()["eval/property_gap"]
   assert before > 0.8
   assert after < 0.6 * before, (before, after)
@@ -215,3 +217,36 @@ def test_frozen_discriminator_blocks_and_head_groups(tiny_model, inputs):
       a, b = a[k], b[k]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)                         # frozen, or lr x 0
+
+
+def _physics_store(path, prompts, encoder, text_length=16, text_dim=32):
+  from afd_jax.teachers import store as store_lib
+  world = physics.PhysicsWorld(size=8, num_frames=3, radius=0.2)
+  text = physics.TextEncoder(dim=text_dim, length=text_length)(prompts)
+  records = [store_lib.Record(p, i, s, text[i], encoder.encode(world.render(p, s)))
+             for i, p in enumerate(prompts) for s in range(2)]
+  return store_lib.build_store(records, path, encoder={"name": "pixels", "patch": encoder.patch},
+                               fps=world.fps)
+
+
+def test_training_reads_a_teacher_store_and_refuses_one_that_does_not_fit(tmp_path):
+  from afd_jax import encoders
+  prompts = physics.sample_prompts(12, max_balls=1)
+  store = _physics_store(tmp_path / "store", prompts, encoders.PixelEncoder(2))
+  cfg = small_config(method="sft", **{"data.teacher": "store", "data.store": str(store),
+                                      "data.num_eval_prompts": 4, "data.batch_size": 4,
+                                      "data.text_length": 16,
+                                      "data.height": 4, "data.width": 4, "train.num_steps": 1,
+                                      "train.checkpoint_every": 0})
+  cfg.model.overrides.in_dim = cfg.model.overrides.out_dim = 12
+  trainer = train.Trainer(cfg, tmp_path / "run")
+  assert trainer.pool.prompts == prompts and trainer.pool.num_train == 8
+  batch = trainer._host_batch(0)[1]
+  ids = data.batch_ids(0, 4, 8, cfg.seed)
+  np.testing.assert_array_equal(batch, trainer.data.source.latents(ids, 0))
+  summary = trainer.run()
+  assert np.isfinite(summary["eval/frechet_distance"]) and np.isfinite(summary["fm/loss"])
+
+  cfg.data.height = cfg.data.width = 6
+  with pytest.raises(ValueError, match="build_teacher_store"):
+    train.Trainer(cfg, tmp_path / "mismatch")

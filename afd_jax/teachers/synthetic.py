@@ -32,5 +32,6 @@ class SyntheticTeacher:
     video[..., self.offset_channel] += self.offset
     return video.astype(np.float32)
 
-  def __call__(self, prompt_ids, seed: int) -> np.ndarray:
-    return np.stack([self._video(p, seed) for p in np.asarray(prompt_ids)])
+  def latents(self, prompt_ids, step: int) -> np.ndarray:
+    """``[B, F, H, W, C]``: a fresh texture draw every step."""
+    return np.stack([self._video(p, step) for p in np.asarray(prompt_ids)])

@@ -1,0 +1,239 @@
+"""The evaluation package against ground truth: teacher renders score ~0, every kind of broken
+video scores clearly worse on the metric meant to catch it, and the outputs can be looked at."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from afd_jax.eval import frechet, physics, quality, report, tracking
+from afd_jax.teachers.physics import PhysicsWorld, parse_prompt, sample_prompts
+from afd_jax.video import write_gif
+
+WORLD = PhysicsWorld()
+PROMPTS = sample_prompts(12, seed=11)
+SINGLE = [p for p in sample_prompts(60, seed=5) if p.startswith("one ")][:6]
+
+
+def render(centres: np.ndarray, prompt: str, size: int = 32, radius: float = 0.1,
+           brightness: float = 1.0) -> np.ndarray:
+  """``PhysicsWorld.render`` for given centres ``[T, K, 2]`` (frame heights), so tests can move,
+  dim or drop balls; ``test_render_helper_is_the_teachers`` keeps it honest."""
+  rgb = parse_prompt(prompt).rgb().astype(np.float32) * brightness
+  pix = np.arange(size) + 0.5
+  video = np.zeros((len(centres), size, size, 3), np.float32)
+  for ball in range(centres.shape[1]):
+    x, y = centres[:, ball, 0] * size, centres[:, ball, 1] * size
+    if np.isnan(x).all():
+      continue  # an erased ball
+    d = np.sqrt((pix[None, None, :] - x[:, None, None]) ** 2
+                + (pix[None, :, None] - y[:, None, None]) ** 2)
+    alpha = np.clip(radius * size + 0.5 - d, 0.0, 1.0)[..., None]
+    video = video * (1.0 - alpha) + rgb[ball] * alpha
+  return np.round(video).astype(np.uint8)
+
+
+def blur(videos: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+  spatial = (0,) * (videos.ndim - 3) + (sigma, sigma, 0)
+  return np.round(ndimage.gaussian_filter(videos.astype(np.float64), spatial, mode="constant")
+                  ).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+  return np.stack([WORLD.render(p, 1) for p in PROMPTS])
+
+
+@pytest.fixture(scope="module")
+def teacher_physics(teacher):
+  return physics.evaluate(teacher, PROMPTS, WORLD)
+
+
+def test_render_helper_is_the_teachers():
+  p = PROMPTS[0]
+  np.testing.assert_array_equal(render(WORLD.simulate(p, 3), p), WORLD.render(p, 3))
+
+
+def test_tracking_matches_ground_truth():
+  """Sub-pixel centres on teacher renders: a hundredth of a pixel for a ball on its own, well
+  below a pixel when balls overlap (and those frames are flagged)."""
+  alone, touching, masses = [], [], []
+  for seed, p in enumerate(sample_prompts(24, seed=1)):
+    tracks = tracking.track(WORLD.render(p, seed), p, WORLD.radius)
+    err = np.linalg.norm(tracks.centres - WORLD.simulate(p, seed), axis=-1) * WORLD.size
+    clean = tracks.visible & ~tracks.overlap
+    alone.append(err[clean])
+    touching.append(err[tracks.visible & tracks.overlap])
+    masses.append(tracks.mass[clean])
+    assert (tracks.visible | tracks.overlap).mean() > 0.97  # never lost but behind another ball
+  alone, touching = np.concatenate(alone), np.concatenate(touching)
+  assert alone.size > 100 and touching.size > 100
+  assert alone.max() < 0.03, alone.max()
+  assert touching.mean() < 0.05 and touching.max() < 0.5, (touching.mean(), touching.max())
+  np.testing.assert_allclose(np.concatenate(masses), 1.0, atol=0.05)
+
+
+def test_tracking_keeps_palette_apart_and_survives_blur_and_dimming():
+  """White, yellow and cyan (28 degrees apart) and blue next to cyan (22) never share pixels;
+  a blurred ball keeps its centre and mass (blur spreads colour, it does not remove it), a
+  half-bright one keeps its centre and shows half the mass."""
+  prompt = "three white, yellow and cyan balls dropped, normal gravity, soft"
+  centres = np.array([[[0.2, 0.3], [0.5, 0.3], [0.8, 0.3]]] * 3)
+  centres[:, :, 1] += np.array([0.0, 0.013, 0.031])[:, None]     # sub-pixel steps
+  maps = tracking.color_maps(render(centres, prompt), ("white", "yellow", "cyan", "blue"))
+  owner = maps.weights.argmax(-1)
+  for k, x in enumerate((0.2, 0.5, 0.8)):
+    near = np.zeros((32, 32), bool)
+    near[:, int(x * 32) - 5:int(x * 32) + 5] = True
+    lit = maps.weights.max(-1) > 0
+    assert (owner[:, near] == k)[lit[:, near]].all()              # nobody else claims the ball
+  assert maps.weights[..., 3].max() == 0                          # no blue anywhere
+  for video, mass in ((render(centres, prompt), 1.0), (blur(render(centres, prompt)), 1.0),
+                      (render(centres, prompt, brightness=0.5), 0.5)):
+    tracks = tracking.track(video, prompt)
+    err = np.abs(tracks.centres - centres) * 32
+    assert err.max() < 0.15, err.max()
+    np.testing.assert_allclose(tracks.mass, mass, atol=0.1)
+
+
+def test_blob_count_and_erased_ball():
+  prompt = "two red and blue balls thrown left, normal gravity, bouncy"
+  centres = np.array([[[0.3, 0.4], [0.7, 0.5]]] * 4)
+  assert tracking.blob_count(render(centres, prompt)).tolist() == [2] * 4
+  erased = centres.copy()
+  erased[:, 1] = np.nan
+  scores = quality.video_quality(render(erased, prompt), prompt)
+  assert scores["count_error"] == 1.0 and scores["visibility"] == 0.5
+  assert scores["color_error"] == pytest.approx(0.5, abs=0.02)   # one of two balls: all gone
+  assert quality.video_quality(render(centres, prompt), prompt)["count_error"] == 0.0
+
+
+def test_teacher_physics_near_zero_and_below_every_broken_video(teacher, teacher_physics):
+  """Wrong gravity, frozen, shuffled and noise videos score far worse. A blurred video moves
+  correctly, so it stays close to the teacher (tracking is robust to blur): blur is what
+  sharpness and the Fréchet distance catch."""
+  rows, means = teacher_physics
+  assert means["physics_error"] < 0.05 and max(r["physics_error"] for r in rows) < 0.2, means
+  assert sum(r["bounces"] for r in rows) >= 5                      # bounces were checked
+  rng = np.random.default_rng(0)
+  wrong = PhysicsWorld(gravity_range=(0.3, 0.5))
+  broken = {
+      "wrong_world": np.stack([wrong.render(p, 1) for p in PROMPTS]),
+      "frozen": np.repeat(teacher[:, :1], teacher.shape[1], 1),
+      "shuffled": teacher[:, rng.permutation(teacher.shape[1])],
+      "noise": rng.integers(0, 256, teacher.shape, dtype=np.uint8),
+  }
+  scores = {k: physics.evaluate(v, PROMPTS, WORLD)[1] for k, v in broken.items()}
+  assert physics.evaluate(blur(teacher, 1.5), PROMPTS, WORLD)[1]["physics_error"] < 0.2
+  for name, s in scores.items():
+    assert s["physics_error"] > 4 * means["physics_error"] + 0.05, (name, s, means)
+  assert scores["wrong_world"]["accel_error"] > 0.4               # g scaled by 0.3..0.5
+  assert scores["frozen"]["accel_error"] > 0.8
+  assert scores["noise"]["physics_error"] == 5.0                  # every ball missing: the cap
+  assert all(np.isfinite(v) for s in scores.values() for v in s.values())
+
+
+def test_restitution_and_penetration():
+  prompts = SINGLE
+  truth = np.stack([WORLD.render(p, 2) for p in prompts])
+  dead = PhysicsWorld(restitution_range=(0.5, 0.5))
+  dull = np.stack([dead.render(p, 2) for p in prompts])
+  base = physics.evaluate(truth, prompts)[1]
+  assert physics.evaluate(dull, prompts)[1]["bounce_error"] > base["bounce_error"] + 0.2
+  sunk = np.stack([WORLD.simulate(p, 2) for p in prompts])
+  sunk[:, 8:, :, 1] = 1.0 - WORLD.radius / 2                      # half into the floor
+  sunk = np.stack([render(c, p) for c, p in zip(sunk, prompts)])
+  assert physics.evaluate(sunk, prompts)[1]["penetration"] > 0.2 > base["penetration"] + 0.1
+
+
+def test_chunk_glitch_is_caught_at_chunk_boundaries_only():
+  """A ball that jumps half a pixel where a new chunk starts (frames 3, 6, 9) raises
+  chunk_jump; the same jumps one frame later, inside chunks, do not."""
+  centres = [WORLD.simulate(p, 4) for p in SINGLE]
+
+  def glitched(starts):
+    out = []
+    for c, p in zip(centres, SINGLE):
+      c = c.copy()
+      for s in starts:
+        c[s:, :, 0] += 0.5 / WORLD.size
+      out.append(render(c, p))
+    return np.stack(out)
+
+  clean = physics.evaluate(glitched(()), SINGLE, chunk_frames=3)[1]["chunk_jump"]
+  at = physics.evaluate(glitched((3, 6, 9)), SINGLE, chunk_frames=3)[1]["chunk_jump"]
+  off = physics.evaluate(glitched((4, 7, 10)), SINGLE, chunk_frames=3)[1]["chunk_jump"]
+  assert clean < 0.05 and off < 0.05, (clean, off)
+  assert at > 0.3, at
+
+
+def test_physics_is_bounded_on_empty_videos_and_rejects_bad_input():
+  black = np.zeros((12, 32, 32, 3), np.uint8)
+  assert physics.video_physics(black, PROMPTS[0])["physics_error"] == 5.0
+  with pytest.raises(ValueError, match=r"uint8 video \[T, H, W, 3\]"):
+    physics.video_physics(black.astype(np.float32), PROMPTS[0])
+  with pytest.raises(ValueError, match=r"uint8 videos \[N, T, H, W, 3\]"):
+    report.evaluate(black, PROMPTS[:1])
+  with pytest.raises(ValueError, match="not in the physics grammar"):
+    physics.video_physics(black, "a purple ball")
+
+
+def test_quality_counts_colour_and_sharpness(teacher):
+  base = quality.evaluate(teacher, PROMPTS)[1]
+  assert base["count_error"] < 0.05 and base["visibility"] > 0.99
+  assert base["color_error"] < 0.03 and base["hue_error"] < 1.0 and base["sharpness"] > 0.4
+  blurred = quality.evaluate(blur(teacher, 1.0), PROMPTS)[1]
+  assert blurred["sharpness"] < 0.75 * base["sharpness"]
+  dim = quality.evaluate((teacher * 0.6).astype(np.uint8), PROMPTS)[1]
+  assert dim["color_error"] > 0.3 and dim["visibility"] > 0.99
+  tinted = teacher.astype(np.int16)
+  tinted[..., 2] += (teacher.max(-1) > 0) * 25                    # every ball a little bluer
+  tinted = quality.evaluate(np.clip(tinted, 0, 255).astype(np.uint8), PROMPTS)[1]
+  assert tinted["hue_error"] > base["hue_error"] + 2.0
+
+
+def test_frechet_teacher_vs_teacher_is_small_next_to_degraded():
+  prompts = sample_prompts(24, seed=3)
+  ref = np.stack([WORLD.render(p, 1) for p in prompts])
+  other = np.stack([WORLD.render(p, 2) for p in prompts])
+  f_ref, f_other = frechet.features(ref), frechet.features(other)
+  assert f_ref.shape == (24, frechet.FEATURE_DIM)
+  np.testing.assert_array_equal(frechet.features(ref[:5]), f_ref[:5])   # batch-independent
+  assert frechet.frechet_distance(f_ref, f_ref) < 1e-6
+  same = frechet.frechet_distance(f_other, f_ref)
+  rng = np.random.default_rng(0)
+  for name, videos in (("blurred", blur(other, 1.0)),
+                       ("frozen", np.repeat(other[:, :1], other.shape[1], 1)),
+                       ("noise", rng.integers(0, 256, other.shape, dtype=np.uint8))):
+    assert frechet.video_frechet(videos, ref) > 1.8 * same, name
+
+
+def test_report_table_grid_and_curves(teacher, tmp_path):
+  reference = np.stack([WORLD.render(p, 2) for p in PROMPTS])
+  wrong = np.stack([PhysicsWorld(gravity_range=(0.3, 0.5)).render(p, 1) for p in PROMPTS])
+  results = {"teacher": report.evaluate(teacher, PROMPTS, reference=reference),
+             "base": report.evaluate(wrong, PROMPTS, reference=reference)}
+  assert set(results["teacher"]) == set(report.BETTER)
+  assert results["base"]["physics_error"] > 5 * results["teacher"]["physics_error"]
+  assert abs(results["teacher"]["sharpness_ratio"] - 1.0) < 0.05
+  table = report.format_table(results)
+  row = next(line for line in table.splitlines() if line.startswith("physics_error"))
+  assert row.split()[2].endswith("*") and not row.split()[3].endswith("*")   # teacher best
+  grid = report.sample_grid({"teacher": teacher[:3], "base": wrong[:3]}, scale=2)
+  assert grid.dtype == np.uint8 and grid.shape[0] == teacher.shape[1]
+  assert grid.shape[1] == 2 * (64 + 2) + 2 and grid.shape[2] > 3 * (64 + 2)
+  gif = write_gif(grid, tmp_path / "grid.gif")
+  with Image.open(gif) as im:
+    assert im.n_frames == teacher.shape[1] and im.size == (grid.shape[2], grid.shape[1])
+  log = tmp_path / "metrics.jsonl"
+  log.write_text("".join(json.dumps({"step": s, "eval/physics_error": 1.0 / (s + 1)}) + "\n"
+                         for s in range(5)))
+  png = report.plot_curves(log, ["eval/physics_error"], tmp_path / "curves.png")
+  with Image.open(png) as im:
+    assert im.format == "PNG" and im.size[0] > 100
+  with pytest.raises(ValueError, match="no record has keys"):
+    report.plot_curves(log, ["loss"], tmp_path / "x.png")
