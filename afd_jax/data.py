@@ -72,13 +72,16 @@ def batch_ids(step: int, batch_size: int, pool_size: int, seed: int) -> np.ndarr
   return out
 
 
-def host_slice(global_ids: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch."""
-  n = jax.process_count()
+def host_slice(global_ids: np.ndarray, process_index: int | None = None,
+               process_count: int | None = None) -> np.ndarray:
+  """This process's contiguous share of a global batch (another process's, given its index)."""
+  index = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  global_ids = np.asarray(global_ids)
   if len(global_ids) % n:
     raise ValueError(f"global batch {len(global_ids)} is not divisible by {n} processes.")
   per = len(global_ids) // n
-  return global_ids[jax.process_index() * per:(jax.process_index() + 1) * per]
+  return global_ids[index * per:(index + 1) * per]
 
 
 def teacher_sample(seed: int, step: int, prompt_id: int, samples_per_prompt: int) -> int:
@@ -100,7 +103,7 @@ class EncodedTeacher:
     self._cache: dict[tuple[int, int], np.ndarray] = {}
 
   def videos(self, ids, sample: int) -> np.ndarray:
-    """uint8 ``[B, T, H, W, 3]`` teacher videos of one sample index (evaluation)."""
+    """uint8 ``[B, T, H, W, 3]`` teacher videos of one sample index."""
     return np.asarray(self.teacher([self.prompts[i] for i in ids], sample))
 
   def latents(self, ids, step: int) -> np.ndarray:
@@ -111,11 +114,10 @@ class EncodedTeacher:
       group = [i for i, s in missing if s == sample]
       for i, video in zip(group, self.videos(group, sample)):
         self._cache[(i, sample)] = self.encoder.encode(video)
+    out = np.stack([self._cache[k] for k in keys])
     if self.samples_per_prompt <= 0:  # unbounded: keep only what this step used
-      out = np.stack([self._cache[k] for k in keys])
       self._cache.clear()
-      return out
-    return np.stack([self._cache[k] for k in keys])
+    return out
 
 
 _END = object()

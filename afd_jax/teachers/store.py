@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from afd_jax import data as data_lib
 from afd_jax import encoders as encoders_lib
 
 FORMAT = "afd_jax.teacher_store"
@@ -385,12 +386,7 @@ class TeacherStore:
 
 def host_batch(store: TeacherStore, global_ids, seed: int, process_index: int,
                process_count: int) -> tuple[np.ndarray, np.ndarray]:
-  """This process's contiguous share of a global batch (as ``data.host_slice``) and its latents:
-  hosts read disjoint records, together exactly the global batch."""
-  global_ids = np.asarray(global_ids)
-  if len(global_ids) % process_count:
-    raise ValueError(f"global batch {len(global_ids)} is not divisible by {process_count} "
-                     "processes.")
-  per = len(global_ids) // process_count
-  ids = global_ids[process_index * per:(process_index + 1) * per]
+  """This process's share of a global batch (``data.host_slice``, the trainer's own split) and its
+  latents: hosts read disjoint records, together exactly the global batch."""
+  ids = data_lib.host_slice(global_ids, process_index, process_count)
   return ids, store.latents(ids, seed)
