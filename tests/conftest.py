@@ -75,6 +75,6 @@ _SLOW_MODULES = ("test_train.py", "test_experiment.py")  # whole trainer runs, a
 
 
 def pytest_collection_modifyitems(items):
-  """Slow modules first: xdist deals the first tests round-robin, so the minute-long trainer runs
-  are split across the workers instead of piling up at the end of one."""
+  """Slow modules first (longest-first scheduling): with ``--dist worksteal`` (setup.cfg) the
+  workers end on short tests they take from each other, not on one minute-long trainer run."""
   items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
