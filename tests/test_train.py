@@ -5,6 +5,7 @@ Runs share a persistent compilation cache (set in conftest), so repeated program
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_mesh_and_batch_errors():
     train.Trainer(small_config(**{"afd.nft_passes": 5}), "/tmp/unused")
 
 
-def test_preemption_and_kill_resume_bit_identically(tmp_path):
+def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
   """SIGTERM saves and exits; SIGKILL loses only the work since the last checkpoint; the resumed
   run ends with exactly the state of an uninterrupted one."""
   train.Trainer(small_config(), tmp_path / "straight").run()  # in-process: same config as _run
@@ -90,10 +91,10 @@ def test_preemption_and_kill_resume_bit_identically(tmp_path):
   assert "resumed from step 1" in killed.stderr
   # Step 2's asynchronous save may or may not have finished before the kill: either way the run
   # resumes from a complete checkpoint (in-process, with the same config).
-  ckpt = ckpt_lib.Checkpointer(work / "checkpoints")
-  assert ckpt.steps()[-1] in (1, 2)
-  ckpt.close()
-  assert train.Trainer(small_config(), work).run()["state_digest"] == reference["state_digest"]
+  with caplog.at_level(logging.INFO):
+    final = train.Trainer(small_config(), work).run()
+  assert "resumed from step" in caplog.text
+  assert final["state_digest"] == reference["state_digest"]
 
   lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3, 4]
