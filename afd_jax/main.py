@@ -1,5 +1,8 @@
 """Entry point: ``python -m afd_jax.main --config=configs/tiny.py --workdir=DIR``.
 
+Multi-host: one process per host, started by ``launch/`` (or by hand with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``); see ``distributed.py``.
+
 Modes (``config.mode``): ``train`` runs ``config.method`` (afd, sft, afd_frozen_disc, pretrain;
 see ``afd_jax/train.py``), resuming from ``DIR/checkpoints`` when present; ``rollout`` samples
 videos from the causal student (random or loaded from ``config.model.checkpoint``) into
@@ -22,6 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from afd_jax import distributed
 from afd_jax import experiment
 from afd_jax import rollout as rollout_lib
 from afd_jax import train
@@ -29,7 +33,13 @@ from afd_jax import video
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training/sampling config.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (on storage every host sees).",
+                                required=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process runs: HOST:PORT of process 0 (auto-detected on "
+    "Cloud TPU and SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process runs: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's index.")
 
 MODES = ("train", "rollout", "experiment")
 
@@ -94,6 +104,12 @@ def main(argv):
   config = _CONFIG.value
   if config.mode not in MODES:
     raise app.UsageError(f"config.mode={config.mode!r} is not one of {MODES}.")
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    sys.exit(f"afd_jax: {e}")
+  if jax.process_index() != 0:  # one voice: the other hosts log warnings and errors only
+    logging.set_verbosity(logging.WARNING)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   log_environment()
@@ -109,7 +125,8 @@ def main(argv):
     experiment.run(config, workdir)
     return
   summary = train.run(config, workdir)
-  print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
   per_frame = tokens // f
   text = model.text_kv(context)
   shape = (mcfg.num_layers, b, plan.capacity_frames * per_frame, mcfg.num_heads, mcfg.head_dim)
-  cache = wan.KV(jnp.zeros(shape, mcfg.dtype), jnp.zeros(shape, mcfg.dtype))
+  cache = wan.constrain_kv(wan.KV(jnp.zeros(shape, mcfg.dtype), jnp.zeros(shape, mcfg.dtype)))
 
   outputs, inputs, velocities = [], [], []
   for chunk in range(num_frames // f):
@@ -143,8 +143,8 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
     if plan.writes[chunk] is not None:
       _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start)
       slot = plan.writes[chunk] * per_frame
-      cache = wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
-                       for c, n in zip(cache, kv)))
+      cache = wan.constrain_kv(wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
+                                        for c, n in zip(cache, kv))))
   latents = jnp.concatenate(outputs, 1)
   if not return_intermediates:
     return latents
@@ -152,13 +152,13 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
 
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
-                 return_intermediates: bool = False):
+                 return_intermediates: bool = False, out_shardings=None):
   """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state."""
 
   def fn(params, noise, context, key):
     return rollout(nnx.merge(graphdef, params), noise, context, key, cfg, return_intermediates)
 
-  return jax.jit(fn)
+  return jax.jit(fn, out_shardings=out_shardings)
 
 
 def sample_noise(key, batch: int, latent_shape: Sequence[int]):

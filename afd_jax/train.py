@@ -13,12 +13,14 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,6 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data as data_lib
@@ -160,21 +161,175 @@ def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
 # Models and state.
 
 
-def build_student(config) -> wan.WanModel:
+def build_student(config, shardings=None, abstract: bool = False) -> wan.WanModel:
+  """The student from ``config.model``, each parameter placed by ``shardings`` (a callable from
+  the abstract NNX state to a pure dict of shardings) as it is created or loaded. ``abstract``
+  gives shapes and metadata only: a checkpoint's architecture is read, its weights are not."""
   m = config.model
   runtime = dict(dtype=m.dtype, attention_kernel=m.attention_kernel, scan_layers=m.scan_layers,
                  remat_policy=m.remat_policy)
+  cfg = (wan_checkpoint.load_config(m.checkpoint, **runtime) if m.checkpoint
+         else wan.preset(m.preset, **runtime, **m.overrides))
+  if abstract:
+    return wan.abstract(cfg)
   if m.checkpoint:
-    return wan.from_pretrained(m.checkpoint, **runtime)
-  return wan.init(wan.preset(m.preset, **runtime, **m.overrides), seed=config.seed)
+    return wan.from_pretrained(m.checkpoint, shardings=shardings, **runtime)
+  return wan.init(cfg, seed=config.seed, shardings=shardings and shardings(nnx.state(
+      wan.abstract(cfg))))
 
 
-def build_discriminator(config, student: wan.WanModel) -> disc_lib.Discriminator:
-  trunk = wan.from_pretrained(config.disc.checkpoint) if config.disc.checkpoint else student
+def build_discriminator(config, student: wan.WanModel, shardings=None,
+                        abstract: bool = False) -> disc_lib.Discriminator:
+  """Readouts and head on a trunk: ``config.disc.checkpoint``, or a copy of the student. Fresh
+  parameters are created in one jitted program straight into ``shardings`` (as for the student)."""
   cfg = disc_lib.DiscriminatorConfig(readout_layers=tuple(config.disc.readout_layers),
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
                                      freeze_below=config.disc.freeze_below)
-  return disc_lib.init(trunk, cfg, seed=config.seed + 1)
+  path, seed = config.disc.checkpoint, config.seed + 1
+  if abstract:
+    trunk_cfg = wan_checkpoint.load_config(path) if path else student.config
+    return nnx.eval_shape(lambda: disc_lib.init(wan.WanModel(trunk_cfg, rngs=nnx.Rngs(0)), cfg))
+  trunk = wan.from_pretrained(path, shardings=shardings) if path else student
+  trunk_graph, trunk_state = nnx.split(trunk)
+  graph, state = nnx.split(nnx.eval_shape(
+      lambda: disc_lib.init(wan.WanModel(trunk.config, rngs=nnx.Rngs(0)), cfg)))
+  make = jax.jit(lambda t: nnx.to_pure_dict(nnx.state(disc_lib.init(nnx.merge(trunk_graph, t),
+                                                                    cfg, seed=seed))),
+                 out_shardings=shardings and shardings(state))
+  nnx.replace_by_pure_dict(state, make(trunk_state))
+  return nnx.merge(graph, state)
+
+
+@dataclasses.dataclass
+class Networks:
+  """The static half of the training state: graph definitions, optimizers, shardings."""
+
+  student_graph: nnx.GraphDef
+  student_config: wan.WanConfig
+  tx_student: optax.GradientTransformation
+  disc_graph: nnx.GraphDef | None
+  tx_disc: optax.GradientTransformation | None
+  state_sharding: dict
+  logical_names: dict          # logical axis names of every parameter, by network
+
+
+def build_state(config, mesh, abstract: bool = False):
+  """``(networks, state)``: every network, optimizer state, the step and the RNG of
+  ``config.method``, each parameter placed by the sharding its logical rule names, optimizer
+  moments like their parameters, counters replicated. ``abstract`` returns ShapeDtypeStructs
+  carrying the shardings and allocates nothing (the compile-only planner)."""
+  rules = mesh_lib.check_rules(config.logical_rules)
+  shardings = lambda state: mesh_lib.param_shardings(state, mesh, rules)
+  replicated = mesh_lib.replicated(mesh)
+  student = build_student(config, shardings, abstract)
+  graph, pstate = nnx.split(student)
+  param_sh = shardings(pstate)
+  names = {"student": mesh_lib.logical_names(pstate)}
+  params = nnx.to_pure_dict(pstate)
+  tx = optimizer(config.optim.student, config.train.max_nonfinite)
+  sharding = {"student": {"params": param_sh, "ema": param_sh,
+                          "opt": mesh_lib.opt_state_shardings(tx, params, param_sh, mesh)},
+              "step": replicated, "rng": replicated}
+  disc_graph = tx_disc = dparams = None
+  if config.method in ADVERSARIAL:
+    disc_graph, dstate = nnx.split(build_discriminator(config, student, shardings, abstract))
+    dparam_sh = shardings(dstate)
+    names["disc"] = mesh_lib.logical_names(dstate)
+    dparams = nnx.to_pure_dict(dstate)
+    tx_disc = disc_optimizer(config.optim.disc, config.disc.freeze_below,
+                             config.train.max_nonfinite)
+    sharding.update(old=param_sh, ref=param_sh, disc={
+        "params": dparam_sh, "opt": mesh_lib.opt_state_shardings(tx_disc, dparams, dparam_sh, mesh)})
+  nets = Networks(graph, student.config, tx, disc_graph, tx_disc, sharding, names)
+
+  def assemble(params, dparams):
+    state = {"student": {"params": params, "ema": params, "opt": tx.init(params)},
+             "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(config.seed))}
+    if dparams is not None:
+      state.update(old=params, ref=params, disc={"params": dparams, "opt": tx_disc.init(dparams)})
+    return jax.tree.map(jnp.copy, state)  # unshares the aliased copies of the student
+
+  if abstract:
+    shapes = jax.eval_shape(assemble, params, dparams)
+    return nets, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              shapes, sharding)
+  return nets, jax.jit(assemble, out_shardings=sharding)(params, dparams)
+
+
+@dataclasses.dataclass
+class StepFns:
+  """The jitted programs of one training configuration on one mesh."""
+
+  noise: Callable
+  rollout: Callable
+  fm: Callable | None = None
+  disc: Callable | None = None
+  score: Callable | None = None
+  advantage: Callable | None = None
+  student: Callable | None = None
+  old: Callable | None = None
+
+
+_STEP_FNS: dict = {}
+
+
+def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
+  """Jitted steps with explicit output shardings and donation of the state they replace.
+
+  Memoised on everything the programs depend on, so a second trainer of the same configuration
+  (a resume, an evaluation, a test) reuses the traced and compiled programs."""
+  key = (config.method, config.rollout.to_json(), config.afd.to_json(), config.optim.to_json(),
+         config.disc.to_json(), config.train.max_nonfinite, config.data.batch_size,
+         tuple(latent_shape), mesh, nets.student_config,  # with config.disc: the graphs
+         tuple(jax.tree.leaves(nets.state_sharding)), jax.tree.structure(nets.state_sharding))
+  if key not in _STEP_FNS:
+    _STEP_FNS[key] = _make_step_fns(config, nets, mesh, latent_shape)
+  return _STEP_FNS[key]
+
+
+def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
+  sh, afd = nets.state_sharding, afd_config(config)
+  batch = mesh_lib.batch_sharding(mesh)
+  fns = StepFns(
+      noise=jax.jit(lambda k: jax.random.normal(k, (config.data.batch_size, *latent_shape),
+                                                jnp.float32), out_shardings=batch),
+      rollout=rollout_lib.make_rollout(nets.student_graph, rollout_config(config),
+                                       out_shardings=batch))
+  if config.method not in ADVERSARIAL:
+    fns.fm = jax.jit(steps.make_fm_step(nets.student_graph, nets.tx_student, afd),
+                     donate_argnums=(0,), out_shardings=(sh["student"], None))
+    return fns
+  disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
+  fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
+                     donate_argnums=(0, 1), out_shardings=disc_out)
+  fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False),
+                      out_shardings=disc_out)
+  fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
+  fns.student = jax.jit(steps.make_student_step(nets.student_graph, nets.tx_student, afd),
+                        donate_argnums=(0,), out_shardings=(sh["student"], None))
+  decay = afd.old_decay_type
+  fns.old = jax.jit(lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),
+                    donate_argnums=(0,), out_shardings=sh["old"])
+  return fns
+
+
+def check_divisibility(config, mesh, student_cfg: wan.WanConfig):
+  """Batch and token counts the mesh must split evenly, refused before anything compiles."""
+  d = config.data
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.batch_size % batch_devices:
+    raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by the "
+                     f"{batch_devices} data x fsdp devices of the mesh.")
+  ctx = mesh.shape["context"]
+  tokens = (d.height // student_cfg.patch_size[1]) * (d.width // student_cfg.patch_size[2])
+  if ctx > 1 and (tokens * config.rollout.chunk_frames) % ctx:
+    raise ValueError(f"mesh.context={ctx} does not divide the {tokens * config.rollout.chunk_frames}"
+                     f" tokens of a chunk ({config.rollout.chunk_frames} frames x {tokens} "
+                     "tokens); pick a context size that divides it.")
+  if mesh.shape["tensor"] > 1 and student_cfg.num_heads % mesh.shape["tensor"]:
+    raise ValueError(f"mesh.tensor={mesh.shape['tensor']} does not divide the "
+                     f"{student_cfg.num_heads} attention heads.")
 
 
 class Trainer:
@@ -184,77 +339,18 @@ class Trainer:
     self.workdir = Path(workdir)
     self.method = config.method
     self.afd = afd_config(config)
-    self.mesh = mesh_lib.make_mesh(config.mesh.num_devices, config.mesh.data, config.mesh.fsdp)
-    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if config.data.batch_size % batch_devices:
-      raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by the "
-                       f"{batch_devices} data x fsdp devices of the mesh.")
+    self.mesh = mesh_lib.mesh_from_config(config)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self._stop_requested = False
-    self._build()
-
-  # -- construction ----------------------------------------------------------------------------
-
-  def _build(self):
-    config = self.config
-    rules = tuple(tuple(r) for r in config.logical_rules)
-    student = build_student(config)
-    self.student_cfg = student.config
-    self.data = teachers.from_config(config, student.config, self.workdir)
+    self.nets, self.state = build_state(config, self.mesh)
+    self.state_sharding = self.nets.state_sharding
+    self.student_graph = self.nets.student_graph
+    self.student_cfg = self.nets.student_config
+    check_divisibility(config, self.mesh, self.student_cfg)
+    self.data = teachers.from_config(config, self.student_cfg, self.workdir)
     self.pool = self.data.pool
     self.latent_shape = self.data.latent_shape
-    self.student_graph, params = nnx.split(student)
-    self.student_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    param_sh = mesh_lib.param_shardings(params, self.mesh, rules)
-    params = jax.device_put(nnx.to_pure_dict(params), param_sh)
-    self.tx_student = optimizer(config.optim.student, config.train.max_nonfinite)
-    state = {"student": {"params": params, "opt": jax.jit(self.tx_student.init)(params),
-                         "ema": params},
-             "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(config.seed))}
-    if self.method in ADVERSARIAL:
-      disc = build_discriminator(config, student)
-      self.disc_graph, dparams = nnx.split(disc)
-      dparams = jax.device_put(nnx.to_pure_dict(dparams),
-                               mesh_lib.param_shardings(dparams, self.mesh, rules))
-      self.tx_disc = disc_optimizer(config.optim.disc, config.disc.freeze_below,
-                                    config.train.max_nonfinite)
-      state["old"] = params
-      state["ref"] = params
-      state["disc"] = {"params": dparams, "opt": jax.jit(self.tx_disc.init)(dparams)}
-    # Every leaf gets an explicit mesh sharding (replicated unless a rule shards it), so inputs
-    # and outputs of the steps match from the first call; the copy unshares the aliased params.
-    self.state_sharding = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
-        else mesh_lib.replicated(self.mesh), state)
-    self.state = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.state_sharding)(
-        state)
-    self._compile_steps()
-
-  def _compile_steps(self):
-    sh = self.state_sharding
-    self.rollout_fn = rollout_lib.make_rollout(self.student_graph, rollout_config(self.config))
-    self.noise_fn = jax.jit(lambda k: jax.random.normal(k, (self.config.data.batch_size,
-                                                            *self.latent_shape), jnp.float32),
-                            out_shardings=self.batch_sharding)
-    if self.method in ADVERSARIAL:
-      self.disc_fn = jax.jit(steps.make_disc_step(self.disc_graph, self.tx_disc, self.afd),
-                             donate_argnums=(0, 1),
-                             out_shardings=(sh["disc"]["params"], sh["disc"]["opt"], None))
-      self.score_fn = jax.jit(steps.make_disc_step(self.disc_graph, self.tx_disc, self.afd,
-                                                   update=False),
-                              out_shardings=(sh["disc"]["params"], sh["disc"]["opt"], None))
-      self.adv_fn = jax.jit(lambda t, s: steps.advantage(t, s, self.afd))
-      self.student_fn = jax.jit(steps.make_student_step(self.student_graph, self.tx_student,
-                                                        self.afd),
-                                donate_argnums=(0,), out_shardings=(sh["student"], None))
-      decay = self.afd.old_decay_type
-      self.old_fn = jax.jit(
-          lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),
-          donate_argnums=(0,), out_shardings=sh["old"])
-    else:
-      self.fm_fn = jax.jit(steps.make_fm_step(self.student_graph, self.tx_student, self.afd),
-                           donate_argnums=(0,), out_shardings=(sh["student"], None))
+    self.fns = make_step_fns(config, self.nets, self.mesh, self.latent_shape)
 
   # -- data ------------------------------------------------------------------------------------
 
@@ -280,29 +376,29 @@ class Trainer:
     timings = {}
     t0 = time.perf_counter()
     if self.method not in ADVERSARIAL:
-      state["student"], metrics = self.fm_fn(state["student"], teacher, context, k_student,
+      state["student"], metrics = self.fns.fm(state["student"], teacher, context, k_student,
                                              state["step"])
       jax.block_until_ready(metrics)
       timings["time/student_s"] = time.perf_counter() - t0
     else:
-      x_student = self.rollout_fn(state["old"], self.noise_fn(k_noise), context, k_roll)
+      x_student = self.fns.rollout(state["old"], self.fns.noise(k_noise), context, k_roll)
       jax.block_until_ready(x_student)
       timings["time/rollout_s"] = time.perf_counter() - t0
       t0 = time.perf_counter()
       train_disc = self.method == "afd" or step < self.config.afd.disc_warmup_steps
-      fn = self.disc_fn if train_disc else self.score_fn
+      fn = self.fns.disc if train_disc else self.fns.score
       dparams, dopt, out = fn(state["disc"]["params"], state["disc"]["opt"], teacher, x_student,
                               context, k_disc)
       state["disc"] = {"params": dparams, "opt": dopt}
-      r, adv_metrics = self.adv_fn(out["teacher_logits"], out["student_logits"])
+      r, adv_metrics = self.fns.advantage(out["teacher_logits"], out["student_logits"])
       jax.block_until_ready(r)
       timings["time/disc_s"] = time.perf_counter() - t0
       t0 = time.perf_counter()
       if step == self.config.debug.nan_at_step:
         x_student = x_student * jnp.nan
-      state["student"], metrics = self.student_fn(state["student"], state["old"], state["ref"],
+      state["student"], metrics = self.fns.student(state["student"], state["old"], state["ref"],
                                                   x_student, context, r, k_student, state["step"])
-      state["old"] = self.old_fn(state["old"], state["student"]["params"], state["step"] + 1)
+      state["old"] = self.fns.old(state["old"], state["student"]["params"], state["step"] + 1)
       jax.block_until_ready(state["old"])
       timings["time/student_s"] = time.perf_counter() - t0
       metrics = dict(metrics, **out["metrics"], **adv_metrics)
@@ -375,7 +471,7 @@ class Trainer:
             logging.warning("stopped after step %d on SIGTERM; resume with the same command.",
                             done)
             return {"stopped_at": done, **last}
-        if config.train.export and jax.process_index() == 0:
+        if config.train.export:  # every host writes its shards
           logging.info("exported the EMA student to %s", self.export(config.train.export))
         samples = self.evaluate(total)
     finally:
@@ -385,13 +481,14 @@ class Trainer:
       writer.close()
     summary = {"method": self.method, "steps": total, "state_digest": self.digest(), **last,
                **samples}
-    (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
   def digest(self) -> str:
     """SHA-256 over every array of the training state: equal digests, bit-identical runs."""
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(self.state)):
+    for leaf in jax.tree.leaves(multihost_utils.process_allgather(self.state, tiled=True)):
       h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
 
@@ -411,11 +508,12 @@ class Trainer:
     n = self.config.data.batch_size
     padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % n)])
     out = []
-    for i in range(0, len(padded), n):
-      context = self._to_global(data_lib.host_slice(self.pool.embeddings[padded[i:i + n]]))
-      noise = self.noise_fn(jax.random.fold_in(jax.random.key(seed), i))
-      x = self.rollout_fn(params, noise, context, jax.random.key(seed + 1 + i))
-      out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+    with jax.set_mesh(self.mesh):
+      for i in range(0, len(padded), n):
+        context = self._to_global(data_lib.host_slice(self.pool.embeddings[padded[i:i + n]]))
+        noise = self.fns.noise(jax.random.fold_in(jax.random.key(seed), i))
+        x = self.fns.rollout(params, noise, context, jax.random.key(seed + 1 + i))
+        out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
     return np.concatenate(out)[:len(ids)]
 
   def eval_ids(self) -> np.ndarray:
@@ -480,9 +578,7 @@ class Trainer:
 
   def export(self, path) -> Path:
     """The EMA student as a converted checkpoint (``wan.from_pretrained(path)`` loads it)."""
-    state = jax.tree.map(lambda x: x, self.student_template)
-    nnx.replace_by_pure_dict(state, jax.device_get(self.state["student"]["ema"]))
-    model = nnx.merge(self.student_graph, state)
+    model = nnx.merge(self.student_graph, self.copy(self.state["student"]["ema"]))
     return wan_checkpoint.save_converted(model, path, source=f"afd_jax {self.method} "
                                          f"{self.workdir}")
 

@@ -93,11 +93,14 @@ def get_config():
   c.train.eval_every = 0               # evaluate held-out prompts every N steps (0: at the end)
   c.train.export = ""                  # write the EMA student here at the end (convert_wan format)
 
-  c.mesh = ml_collections.ConfigDict()
+  c.mesh = ml_collections.ConfigDict()   # axis sizes; one may be -1 (the devices left over)
   c.mesh.num_devices = 0               # 0: all visible devices
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.logical_rules = (("embed", "fsdp"),)  # logical axis -> mesh axis; the rest is replicated
+  c.mesh.data = -1                     # batch split, parameters replicated
+  c.mesh.fsdp = 1                      # batch split, parameters and optimizer states sharded
+  c.mesh.context = 1                   # sequence parallel over video tokens
+  c.mesh.tensor = 1                    # attention heads and FFN hidden units
+  # Logical parameter axis -> mesh axis (or a tuple of axes); names without a rule replicate.
+  c.logical_rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"))
 
   c.physics = ml_collections.ConfigDict()  # the physics teacher's world (data.teacher=physics)
   c.physics.size = 32

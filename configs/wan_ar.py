@@ -40,6 +40,9 @@ def get_config():
   c.train.checkpoint_every = 25
   c.train.keep_every = 100
 
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
+  # 52 GB of fp32 training state (student, EMA, Adam, old, reference, discriminator): shard it
+  # over every chip; launch/README.md has a mesh per TPU slice and GPU node, sized with
+  # `python -m afd_jax.tools.plan`.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
   return c

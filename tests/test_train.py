@@ -1,5 +1,5 @@
 """The trainer: config errors, preemption (SIGTERM, SIGKILL) with bit-identical resume, corrupt
-checkpoints, non-finite updates, and single- versus multi-device equivalence.
+checkpoints, non-finite updates. Sharded and multi-host runs: test_mesh.py, test_distributed.py.
 
 Runs share a persistent compilation cache (set in conftest), so repeated programs compile once.
 """
@@ -20,6 +20,7 @@ from afd_jax import data
 from afd_jax import train
 from afd_jax.teachers import physics
 from configs import tiny
+from small_config import override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,7 @@ def small_config(**overrides):
   c.afd.nft_passes = 2
   c.data.num_frames = 3  # one chunk: causal structure is tested in test_wan / test_rollout
   c.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 def _flags(overrides):
@@ -133,48 +128,6 @@ def test_nonfinite_updates_are_rejected_then_stop_the_run(tmp_path):
   cfg = small_config(**{"debug.nan_at_step": 0, "train.max_nonfinite": 1})
   with pytest.raises(FloatingPointError, match="checkpoint"):
     train.Trainer(cfg, tmp_path / "stop").run()
-
-
-@pytest.mark.parametrize("method", ["afd", "pretrain"])
-def test_single_and_multi_device_runs_agree(tmp_path, method):
-  """The same run on 1 device and on a 4 (data) x 2 (fsdp) mesh of 8 devices; then the 1-device
-  checkpoint restores onto the 8-device mesh."""
-  one = train.Trainer(small_config(method=method, **{"train.num_steps": 2,
-                                                     "afd.disc_warmup_steps": 1}), tmp_path / "one")
-  one.run()
-  eight = train.Trainer(small_config(method=method, **{
-      "train.num_steps": 2, "afd.disc_warmup_steps": 1, "mesh.num_devices": 8, "mesh.data": 4,
-      "mesh.fsdp": 2}), tmp_path / "eight")
-  eight.run()
-  kernel = eight.state["student"]["params"]["blocks"]["ffn_in"]["kernel"]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
-  # The per-step losses and logits agree to float tolerance ...
-  logs = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-          for d in ("one", "eight")]
-  for x, y in zip(*logs):
-    for key in ("disc/bt_loss", "nft/loss", "fm/loss", "reg/loss"):
-      if key in x:
-        np.testing.assert_allclose(x[key], y[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    if "disc/teacher_logit" in x:  # the gap, not the level: the level drifts with the free bias
-      gap = lambda m: m["disc/teacher_logit"] - m["disc/student_logit"]
-      np.testing.assert_allclose(gap(x), gap(y), rtol=1e-4, atol=1e-5)
-  # ... and so do the parameters. Adam (b1 = 0) rescales every gradient element to about +-lr,
-  # so an element whose gradient is at the float-noise level (e.g. the logit bias, which the BT
-  # loss cannot see) may differ by up to 2 lr per step; all others agree tightly.
-  bound = 2 * 2 * max(one.config.optim.disc.lr, one.config.optim.student.lr)
-  for a, b in zip(jax.tree.leaves(one.state), jax.tree.leaves(eight.state)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = np.abs(a - b)
-    assert diff.max() <= bound
-    assert np.sum(diff > 2e-5 + 2e-4 * np.abs(b)) <= max(1, b.size // 1000)
-  if method == "afd":
-    moved = train.Trainer(small_config(method=method, **{
-        "train.num_steps": 2, "mesh.num_devices": 8, "mesh.data": 4, "mesh.fsdp": 2}),
-        tmp_path / "one")
-    ckpt = ckpt_lib.Checkpointer(tmp_path / "one" / "checkpoints")
-    assert moved._restore(ckpt) == 2
-    ckpt.close()
-    assert moved.digest() == one.digest()
 
 
 def test_afd_moves_the_student_toward_the_teacher(tmp_path):

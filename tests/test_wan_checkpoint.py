@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from afd_jax import mesh as mesh_lib
 from afd_jax.models import attention as attn_lib
 from afd_jax.models import wan, wan_checkpoint
 from conftest import jitted, rel_l2
@@ -227,16 +228,12 @@ def test_convert_tool_round_trip_and_sharded_load(reference, tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(converted)), jax.tree.leaves(source)):
     np.testing.assert_array_equal(a, b)
 
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
-  def shard_embed(state):  # the embed axis over fsdp, everything else replicated
-    def spec(var):
-      names = var.get_metadata().get("out_sharding") or ()
-      return var.replace(NamedSharding(mesh, P(*("fsdp" if n == "embed" else None for n in names))))
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  sharded = wan.from_pretrained(dst, shardings=shard_embed)
-  kernel = sharded.blocks.ffn_in.kernel[...]
-  assert kernel.sharding.spec == P(None, "fsdp", None)
-  np.testing.assert_array_equal(kernel, source["blocks"]["ffn_in"]["kernel"][...])
+  mesh = mesh_lib.make_mesh(8, data=2, fsdp=4)
+  shard_embed = lambda state: mesh_lib.param_shardings(state, mesh, (("embed", "fsdp"),))
+  for path in (dst, root / "original"):  # the converted and the original layout, placed as loaded
+    kernel = wan.from_pretrained(path, shardings=shard_embed).blocks.ffn_in.kernel[...]
+    assert kernel.sharding.spec == P(None, "fsdp", None)
+    np.testing.assert_array_equal(kernel, source["blocks"]["ffn_in"]["kernel"][...])
   with pytest.raises(FileExistsError):
     wan_checkpoint.save_converted(converted, dst)
 

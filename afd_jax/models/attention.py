@@ -12,6 +12,9 @@ Two layers, kept apart on purpose:
   itself. No mask is ever built, every kernel runs maskless on exactly the work needed, and a
   video of C chunks costs the block-causal minimum (C+1)/(2C) of a bidirectional pass.
 
+Under a mesh with a ``context`` axis (``jax.set_mesh``), every kernel call runs sequence-parallel
+in ``jax.shard_map``: each device keeps its block of queries and all-gathers the keys and values.
+
 The boolean ``*_mask`` helpers at the end build the same patterns as explicit ``[Nq, Nk]`` masks.
 They exist only as an independent reference for tests and for running a PyTorch model with the
 identical mask; nothing on an accelerator uses them.
@@ -26,6 +29,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from afd_jax import mesh as mesh_lib
 
 KERNELS = ("auto", "dense", "cudnn", "splash")
 MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache", "cached_context")
@@ -105,9 +111,34 @@ def resolve_kernel(kernel: str, dtype) -> str:
 
 
 def attend(q, k, v, kernel: str = "auto"):
-  """Unmasked attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` with the chosen kernel."""
-  name = resolve_kernel(kernel, q.dtype)
-  return {"dense": dense_attention, "cudnn": cudnn_attention, "splash": splash_attention}[name](q, k, v)
+  """Unmasked attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` with the chosen kernel,
+  sequence-parallel when the mesh in context has a ``context`` axis."""
+  fn = {"dense": dense_attention, "cudnn": cudnn_attention,
+        "splash": splash_attention}[resolve_kernel(kernel, q.dtype)]
+  mesh = mesh_lib.current_mesh()
+  ctx = mesh_lib.axis_size(mesh, "context")
+  if ctx > 1 and q.shape[1] % ctx == 0:  # a lone query (the readout's register) runs replicated
+    return sequence_parallel(fn, q, k, v, mesh)
+  return fn(q, k, v)
+
+
+def sequence_parallel(kernel, q, k, v, mesh):
+  """Ring-free sequence parallelism over the ``context`` axis: each device keeps its block of
+  queries, all-gathers the keys and values (kept sharded over tokens outside attention, e.g. in
+  the KV cache) and runs the kernel locally; batch stays split over data x fsdp, heads over
+  ``tensor``. Keys too short to split (text tokens) arrive replicated over ``context``."""
+  ctx = mesh_lib.axis_size(mesh, "context")
+  q_spec = mesh_lib.role_spec(mesh, q.shape, ("batch", "tokens", "heads", None))
+  gather = k.shape[1] % ctx == 0
+  kv_spec = P(q_spec[0], "context" if gather else None, q_spec[2], None)
+
+  def local(q, k, v):
+    if gather:
+      k, v = (jax.lax.all_gather(a, "context", axis=1, tiled=True) for a in (k, v))
+    return kernel(q, k, v)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------

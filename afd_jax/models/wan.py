@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afd_jax import mesh as mesh_lib
 from afd_jax.models import attention as attn_lib
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +234,16 @@ class KV(NamedTuple):
 
   k: jax.Array
   v: jax.Array
+
+
+# Activation shardings by role (afd_jax.mesh.constrain): the residual stream [B, F, T, d] splits
+# over batch and tokens per frame, cached keys/values [..., B, N, H, D] over batch, tokens, heads.
+RESIDUAL_ROLES = ("batch", None, "tokens", None)
+
+
+def constrain_kv(kv: KV) -> KV:
+  roles = (None,) * (kv.k.ndim - 4) + ("batch", "tokens", "heads", None)
+  return KV(*(mesh_lib.constrain(a, roles) for a in kv))
 
 
 class Attention(nnx.Module):
@@ -582,7 +593,8 @@ class WanModel(nnx.Module):
     def body(x, layer):
       params, text_l, cache_l = layer
       x, kv = nnx.merge(graphdef, params)(x, e0, angles, text_l, layout, cache_l)
-      return x, (kv if return_kv else None)
+      x = mesh_lib.constrain(x, RESIDUAL_ROLES)
+      return x, (constrain_kv(kv) if return_kv else None)
 
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
@@ -590,6 +602,7 @@ class WanModel(nnx.Module):
     if x.ndim == 3:
       b, n, d = x.shape
       x = x.reshape(b, f, n // f, d)
+    x = mesh_lib.constrain(x, RESIDUAL_ROLES)
     if cfg.scan_layers:
       x, kvs = jax.lax.scan(body, x, (state, text, cache))
     else:
@@ -618,12 +631,15 @@ def check_window(window_frames: int, sink_frames: int, chunk_frames: int):
 def init(cfg: WanConfig, seed: int = 0, shardings=None) -> WanModel:
   """A freshly initialised model (Wan's initialisation: Xavier linears, zero head).
 
-  Initialisation runs as one jitted program; ``shardings`` (a tree matching the state) places
-  each parameter directly where it belongs, without a host copy.
+  Initialisation runs as one jitted program; ``shardings`` (a pure dict matching the state, e.g.
+  from ``afd_jax.mesh.param_shardings``) places each parameter directly where it belongs, on every
+  host of a multi-host mesh, without a host copy.
   """
-  graphdef = nnx.graphdef(abstract(cfg))
-  make = jax.jit(lambda: nnx.state(WanModel(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)
-  return nnx.merge(graphdef, make())
+  graphdef, state = nnx.split(abstract(cfg))
+  make = jax.jit(lambda: nnx.to_pure_dict(nnx.state(WanModel(cfg, rngs=nnx.Rngs(seed)))),
+                 out_shardings=shardings)
+  nnx.replace_by_pure_dict(state, make())
+  return nnx.merge(graphdef, state)
 
 
 def abstract(cfg: WanConfig) -> WanModel:

@@ -372,7 +372,8 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
 def load(path, *, pt_key: str | None = None, num_heads: int | None = None, shardings=None,
          **runtime) -> wan.WanModel:
   """See :func:`afd_jax.models.wan.from_pretrained`. ``shardings``: optional callable mapping the
-  abstract NNX state to a matching tree of shardings, used to place the weights as they load."""
+  abstract NNX state to a pure dict of shardings (e.g. ``afd_jax.mesh.param_shardings``), used to
+  place the weights as they load."""
   unknown = set(runtime) - _RUNTIME
   if unknown:
     raise TypeError(f"unknown options {sorted(unknown)}; runtime options are {sorted(_RUNTIME)}.")
@@ -384,10 +385,19 @@ def load(path, *, pt_key: str | None = None, num_heads: int | None = None, shard
   return _merge(cfg, state_from_original(sd, cfg), shardings)
 
 
+def load_config(path, *, pt_key: str | None = None, num_heads: int | None = None,
+                **runtime) -> wan.WanConfig:
+  """The architecture of a checkpoint; a converted one's is read from its JSON alone."""
+  path = Path(path)
+  if path.is_dir() and (path / CONVERTED_MARKER).exists():
+    return wan.WanConfig(**_converted_meta(path)["config"], **runtime)
+  return wan.WanConfig(**read_state_dict(path, pt_key=pt_key, num_heads=num_heads)[1], **runtime)
+
+
 def _merge(cfg: wan.WanConfig, pure: dict, shardings=None) -> wan.WanModel:
   graphdef, state = nnx.split(wan.abstract(cfg))
   if shardings is not None:
-    pure = jax.tree.map(jax.device_put, pure, nnx.to_pure_dict(shardings(state)))
+    pure = jax.tree.map(jax.device_put, pure, shardings(state))
   else:
     pure = jax.tree.map(jnp.asarray, pure)
   nnx.replace_by_pure_dict(state, pure)
@@ -410,30 +420,35 @@ def save_converted(model: wan.WanModel, dst, source: str = "") -> Path:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(dst / "params", nnx.to_pure_dict(nnx.state(model)))
     ckptr.wait_until_finished()
-  meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
-          "config": model.config.architecture()}
-  tmp = dst / (CONVERTED_MARKER + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-  os.replace(tmp, dst / CONVERTED_MARKER)
+  if jax.process_index() == 0:  # multi-host: every host saved its shards above, one writes this
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
+            "config": model.config.architecture()}
+    tmp = dst / (CONVERTED_MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, dst / CONVERTED_MARKER)
   return dst
 
 
-def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
-  import orbax.checkpoint as ocp
-
-  path = Path(path).absolute()
+def _converted_meta(path: Path) -> dict:
   meta = json.loads((path / CONVERTED_MARKER).read_text())
   if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
     raise CheckpointError(f"{path / CONVERTED_MARKER} is format {meta.get('format')!r} v"
                           f"{meta.get('version')}; this afd_jax reads {FORMAT_NAME} v{FORMAT_VERSION}.")
   if not (path / "params").exists():
     raise CheckpointError(f"{path} has {CONVERTED_MARKER} but no params/ folder; convert again.")
-  cfg = wan.WanConfig(**meta["config"], **runtime)
+  return meta
+
+
+def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
+  import orbax.checkpoint as ocp
+
+  path = Path(path).absolute()
+  cfg = wan.WanConfig(**_converted_meta(path)["config"], **runtime)
   graphdef, state = nnx.split(wan.abstract(cfg))
   pdt = jnp.dtype(cfg.param_dtype)
   if shardings is not None:
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, pdt, sharding=s),
-                          nnx.to_pure_dict(state), nnx.to_pure_dict(shardings(state)))
+                          nnx.to_pure_dict(state), shardings(state))
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
   with ocp.StandardCheckpointer() as ckptr:

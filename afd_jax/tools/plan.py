@@ -1,0 +1,175 @@
+"""Compile-only planning: per-device memory and FLOPs of every training step for a target mesh,
+without weights, data or accelerators, so a pod can be sized before it is paid for.
+
+    python -m afd_jax.tools.plan --config=configs/wan_ar.py --devices=64 \\
+        --config.mesh.data=8 --config.mesh.fsdp=8 --out=plan.json
+
+The steps are lowered from abstract state (shapes and shardings only; nothing is allocated) and
+compiled for ``--devices`` CPU devices standing in for the chips: XLA partitions the program
+exactly as it would on the pod, and reports each device's argument, output, temporary and aliased
+(donated) bytes and its FLOPs. The training state per device is exact (it follows from the
+shardings); temporaries come from the CPU compiler, whose fusion and layout choices differ from a
+TPU's or GPU's, so treat them as an estimate and keep 10-20 % headroom. In particular the CPU
+runs the dense attention kernel, which materialises each chunk's ``[Nq, Nk]`` logits that the
+flash kernels of a TPU (splash) or GPU (cuDNN) never hold: at Wan's 4,680-token chunks the CPU
+figure for temporaries is an upper bound. A checkpoint the config names but that is not there yet
+is replaced by its preset's architecture.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _emulate_devices(argv) -> None:
+  """``--devices=N`` fake CPU devices; must run before jax is imported."""
+  n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), None)
+  if n is not None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={int(n)}").strip()
+
+
+if __name__ == "__main__":
+  _emulate_devices(sys.argv)
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from afd_jax import mesh as mesh_lib  # noqa: E402
+from afd_jax import train  # noqa: E402
+from afd_jax.models import attention as attn_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/wan_ar.py", "Training config.",
+                                          lock_config=False)
+flags.DEFINE_integer("devices", None, "Emulate this many devices (the target's chip count).")
+_OUT = flags.DEFINE_string("out", "", "Also write the plan as JSON here.")
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Per-chip memory to check the plan against (GiB).")
+
+GIB = 2**30
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of abstract arrays carrying shardings (the largest shard counts)."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _sds(shape, dtype, sharding):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
+  """``{name: (jitted step, abstract args)}`` for every program of ``config.method``."""
+  d, cfg = config.data, nets.student_config
+  batch = mesh_lib.batch_sharding(mesh)
+  rep = mesh_lib.replicated(mesh)
+  x = _sds((d.batch_size, *latent_shape), jnp.float32, batch)
+  ctx = _sds((d.batch_size, d.text_length, cfg.text_dim), jnp.float32, batch)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = _sds(key.shape, key.dtype, rep)
+  fns = train.make_step_fns(config, nets, mesh, latent_shape)
+  if config.method not in train.ADVERSARIAL:
+    return {"fm": (fns.fm, (state["student"], x, ctx, key, state["step"]))}
+  r = _sds((d.batch_size,), jnp.float32, batch)
+  return {
+      "rollout": (fns.rollout, (state["old"], x, ctx, key)),
+      "disc": (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key)),
+      "student": (fns.student, (state["student"], state["old"], state["ref"], x, ctx, r, key,
+                                state["step"])),
+      "old": (fns.old, (state["old"], state["student"]["params"], state["step"])),
+  }
+
+
+def plan(config) -> dict:
+  """Compiles each step for the config's mesh and returns the per-device figures."""
+  for field in ("model", "disc"):
+    path = config[field].checkpoint
+    if path and not Path(path).exists():
+      logging.warning("config.%s.checkpoint=%s is not there: planning with the %r preset's "
+                      "architecture.", field, path, config.model.preset)
+      config[field].checkpoint = ""
+  mesh = mesh_lib.mesh_from_config(config)
+  nets, state = train.build_state(config, mesh, abstract=True)
+  train.check_divisibility(config, mesh, nets.student_config)
+  d = config.data
+  latent_shape = (d.num_frames, d.height, d.width, nets.student_config.in_dim)
+  state_bytes = _per_device_bytes(state)
+  kernel = attn_lib.resolve_kernel(config.model.attention_kernel, config.model.dtype)
+  out = {"devices": mesh.size, "platform": jax.default_backend(), "mesh": dict(mesh.shape),
+         "attention_kernel": kernel,
+         "method": config.method, "batch_size": d.batch_size, "latent_shape": list(latent_shape),
+         "state_bytes_per_device": state_bytes,
+         "state_bytes": {k: _per_device_bytes(v) for k, v in state.items()}, "steps": {}}
+  with jax.set_mesh(mesh):
+    for name, (fn, args) in step_inputs(config, nets, state, mesh, latent_shape).items():
+      compiled = fn.lower(*args).compile()
+      mem = compiled.memory_analysis()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      # The state this step does not take stays resident while it runs.
+      peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+              - mem.alias_size_in_bytes + max(state_bytes - _per_device_bytes(args), 0))
+      out["steps"][name] = {"arguments": mem.argument_size_in_bytes,
+                            "outputs": mem.output_size_in_bytes,
+                            "temporaries": mem.temp_size_in_bytes,
+                            "donated": mem.alias_size_in_bytes, "peak": peak,
+                            "flops": float((cost or {}).get("flops", 0.0))}
+  out["peak_bytes_per_device"] = max(s["peak"] for s in out["steps"].values())
+  out["flops_per_device_per_iteration"] = sum(s["flops"] for s in out["steps"].values())
+  return out
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_table(p: dict, hbm_gib: float = 0.0) -> str:
+  lines = [f"{p['method']} on {p['devices']} {p['platform']} devices, mesh "
+           + " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+           + f", batch {p['batch_size']}, latents {p['latent_shape']}, attention kernel "
+           + p["attention_kernel"] + (" (holds the logits: temporaries are an upper bound)"
+                                      if p["attention_kernel"] == "dense" else ""),
+           f"training state per device: {_size(p['state_bytes_per_device'])} ("
+           + ", ".join(f"{k} {_size(v)}" for k, v in p["state_bytes"].items()) + ")", "",
+           "| step | arguments | temporaries | outputs | donated | peak | GFLOP |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for name, s in p["steps"].items():
+    lines.append(f"| {name} | " + " | ".join(_size(s[k]) for k in (
+        "arguments", "temporaries", "outputs", "donated", "peak")) + f" | {s['flops'] / 1e9:.1f} |")
+  lines.append(f"\npeak per device: {_size(p['peak_bytes_per_device'])}; "
+               f"{p['flops_per_device_per_iteration'] / 1e12:.3f} TFLOP per device per iteration")
+  if hbm_gib:
+    fits = p["peak_bytes_per_device"] <= 0.9 * hbm_gib * GIB
+    lines.append(f"against {hbm_gib:g} GiB per chip (90% usable): "
+                 + ("fits" if fits else "DOES NOT FIT"))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config.method not in train.METHODS:
+    raise app.UsageError(f"config.method={config.method!r} is not one of {train.METHODS}.")
+  try:
+    p = plan(config)
+  except ValueError as e:
+    sys.exit(f"afd_jax.tools.plan: {e}")
+  print(format_table(p, _HBM.value))
+  if _OUT.value:
+    Path(_OUT.value).write_text(json.dumps(p, indent=2))
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
