@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from afd_jax import flow
+from afd_jax import steps
 from afd_jax.models import wan
 
 
@@ -152,11 +153,20 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
 
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
-                 return_intermediates: bool = False, out_shardings=None):
-  """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state."""
+                 return_intermediates: bool = False, out_shardings=None, micro_batches: int = 1):
+  """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state;
+  ``micro_batches`` > 1 samples the batch in that many slices, one after the other (bounded
+  memory, as in the training steps)."""
+  if micro_batches > 1 and return_intermediates:
+    raise ValueError("return_intermediates needs micro_batches=1.")
 
   def fn(params, noise, context, key):
-    return rollout(nnx.merge(graphdef, params), noise, context, key, cfg, return_intermediates)
+    model = nnx.merge(graphdef, params)
+    if micro_batches == 1:
+      return rollout(model, noise, context, key, cfg, return_intermediates)
+    micro = (steps.split_micro(noise, micro_batches), steps.split_micro(context, micro_batches),
+             jax.random.split(key, micro_batches))
+    return steps.merge_micro(jax.lax.map(lambda a: rollout(model, *a, cfg), micro))
 
   return jax.jit(fn, out_shardings=out_shardings)
 

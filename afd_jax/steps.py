@@ -49,6 +49,7 @@ class AFDConfig:
   ema_start: int = 200
   old_decay_type: int = 1
   negative_branch: bool = True     # False: reward-weighted flow matching (positive branch only)
+  micro_batches: int = 1           # gradients accumulated over this many slices of the batch
 
   def __post_init__(self):
     if self.nft_levels not in ("rollout", "continuous"):
@@ -59,6 +60,8 @@ class AFDConfig:
       raise ValueError(f"old_decay_type {self.old_decay_type} not in {sorted(DECAY_PRESETS)}.")
     if not self.beta > 0 or not self.a_max > 0:
       raise ValueError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches={self.micro_batches} must be >= 1.")
     if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
       raise ValueError(f"nft_passes={self.nft_passes} exceeds the {len(self.rollout_timesteps)} "
                        "rollout levels; lower it or use nft_levels='continuous'.")
@@ -100,6 +103,34 @@ def update_old(old_params, params, eta):
   return jax.tree.map(lambda o, p: eta * o + (1.0 - eta) * p, old_params, params)
 
 
+def split_micro(x, m: int):
+  """``[B, ...] -> [m, B / m, ...]``; micro-batch j takes rows j, j + m, ..., so each device keeps
+  working on the rows it holds when the batch is sharded in contiguous blocks."""
+  return jnp.moveaxis(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 1, 0)
+
+
+def merge_micro(x):
+  """The inverse of :func:`split_micro`."""
+  return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulate(fn, params, batch, m: int):
+  """``fn(params, micro) -> (out, grads)`` over ``m`` micro-batches of ``batch`` (a tree of
+  batch-first arrays), in a scan so only one micro-batch's activations are alive at a time.
+  Returns the mean gradient and every ``out`` stacked ``[m, ...]``."""
+  if m == 1:
+    out, grads = fn(params, batch)
+    return grads, jax.tree.map(lambda a: a[None], out)
+
+  def body(total, micro):
+    out, grads = fn(params, micro)
+    return jax.tree.map(jnp.add, total, grads), out
+
+  grads, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
+                             jax.tree.map(lambda a: split_micro(a, m), batch))
+  return jax.tree.map(lambda g: g / m, grads), outs
+
+
 def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                    update: bool = True):
   """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``.
@@ -110,11 +141,11 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   def logits_fn(params, x, t, context):
     return nnx.merge(graphdef, params)(x, t, context)
 
-  def loss_fn(params, x_teacher, x_student, context, key):
+  def loss_fn(params, micro):
+    """One micro-batch; its noise is drawn for the whole batch beforehand (same draws whatever the
+    micro-batching)."""
+    x_teacher, x_student, context, tau, eps, delta = micro
     b = x_teacher.shape[0]
-    k_tau, k_eps, k_r = jax.random.split(key, 3)
-    tau = jax.random.uniform(k_tau, (b,), maxval=cfg.disc_tau_max)
-    eps = jax.random.normal(k_eps, x_teacher.shape, x_teacher.dtype)   # shared within a pair
     x = jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)])
     t = jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS
     ctx = jnp.concatenate([context, context])
@@ -123,8 +154,7 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     loss = losses.bt_loss(teacher, student)
     parts = {"disc/bt_loss": loss}
     if cfg.r1_weight or cfg.r2_weight:
-      delta = cfg.penalty_sigma * jax.random.normal(k_r, x.shape, x.dtype)
-      perturbed = logits_fn(params, x + delta, t, ctx)
+      perturbed = logits_fn(params, x + jnp.swapaxes(delta, 0, 1).reshape(x.shape), t, ctx)
       r1 = losses.finite_difference_penalty(teacher, perturbed[:b], cfg.penalty_sigma)
       r2 = losses.finite_difference_penalty(student, perturbed[b:], cfg.penalty_sigma)
       loss = loss + cfg.r1_weight * r1 + cfg.r2_weight * r2
@@ -132,15 +162,27 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     return loss, (teacher, student, parts)
 
   def step(params, opt_state, x_teacher, x_student, context, key):
+    b = x_teacher.shape[0]
+    k_tau, k_eps, k_r = jax.random.split(key, 3)
+    tau = jax.random.uniform(k_tau, (b,), maxval=cfg.disc_tau_max)
+    eps = jax.random.normal(k_eps, x_teacher.shape, x_teacher.dtype)   # shared within a pair
+    delta = (cfg.penalty_sigma * jnp.swapaxes(
+        jax.random.normal(k_r, (2, *x_teacher.shape), x_teacher.dtype), 0, 1)   # [B, 2, ...]
+             if cfg.r1_weight or cfg.r2_weight else jnp.zeros((b, 0)))
+    batch = (x_teacher, x_student, context, tau, eps, delta)
     metrics = {}
     if update:
-      (loss, (teacher, student, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, x_teacher, x_student, context, key)
+      grads, (loss, (teacher, student, parts)) = accumulate(
+          jax.value_and_grad(loss_fn, has_aux=True), params, batch, cfg.micro_batches)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       metrics["disc/grad_norm"] = optax.tree.norm(grads)
     else:
-      loss, (teacher, student, parts) = loss_fn(params, x_teacher, x_student, context, key)
+      m = cfg.micro_batches
+      loss, (teacher, student, parts) = jax.lax.map(
+          lambda micro: loss_fn(params, micro), jax.tree.map(lambda a: split_micro(a, m), batch))
+    teacher, student = merge_micro(teacher), merge_micro(student)
+    loss, parts = jax.tree.map(jnp.mean, (loss, parts))
     metrics.update(parts, **{"disc/loss": loss,
                              "disc/accuracy": losses.bt_accuracy(teacher, student),
                              "disc/teacher_logit": jnp.mean(teacher),
@@ -173,11 +215,10 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
   def velocity(params, x_t, t, ctx_kv, text):
     return nnx.merge(graphdef, params).forward_with_context(x_t, t, ctx_kv, f, text)
 
-  def step(student, old_params, ref_params, x0, context, r, key, step_index):
-    params = student["params"]
-    k_lvl, k_eps = jax.random.split(key)
-    sig = noise_levels(cfg, k_lvl, *x0.shape[:2], cfg.nft_passes)          # [J, B, F]
-    eps = jax.random.normal(k_eps, (cfg.nft_passes, *x0.shape), x0.dtype)
+  def micro_grads(params, old_params, ref_params, micro):
+    """Per-pass metrics and the pass-averaged gradient of one micro-batch."""
+    x0, context, r, sig, eps = micro
+    sig, eps = jnp.swapaxes(sig, 0, 1), jnp.swapaxes(eps, 0, 1)          # passes first again
     text_old = nnx.merge(graphdef, old_params).text_kv(context)
     text_ref = nnx.merge(graphdef, ref_params).text_kv(context)
     ctx_theta = context_of(params, x0, nnx.merge(graphdef, params).text_kv(context))
@@ -195,7 +236,7 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
                     "monitor/old_kl_div": jnp.mean(jnp.square(v_old - v_ref))})
       return nft + reg, parts
 
-    def accumulate(grads, inputs):
+    def one_pass(grads, inputs):
       sigma, noise = inputs
       x_t = flow.add_noise(x0, noise, sigma)
       t = sigma * flow.NUM_TRAIN_TIMESTEPS
@@ -205,9 +246,16 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
                                                                      v_ref)
       return jax.tree.map(jnp.add, grads, g), dict(parts, **{"student/loss": loss})
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, per_pass = jax.lax.scan(accumulate, zeros, (sig, eps))
-    grads = jax.tree.map(lambda g: g / cfg.nft_passes, grads)
+    grads, per_pass = jax.lax.scan(one_pass, jax.tree.map(jnp.zeros_like, params), (sig, eps))
+    return per_pass, jax.tree.map(lambda g: g / cfg.nft_passes, grads)
+
+  def step(student, old_params, ref_params, x0, context, r, key, step_index):
+    k_lvl, k_eps = jax.random.split(key)
+    sig = noise_levels(cfg, k_lvl, *x0.shape[:2], cfg.nft_passes)          # [J, B, F]
+    eps = jax.random.normal(k_eps, (cfg.nft_passes, *x0.shape), x0.dtype)
+    batch = (x0, context, r, jnp.swapaxes(sig, 0, 1), jnp.swapaxes(eps, 0, 1))  # batch first
+    grads, per_pass = accumulate(lambda p, micro: micro_grads(p, old_params, ref_params, micro),
+                                 student["params"], batch, cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
     metrics.update(jax.tree.map(jnp.mean, per_pass))
     return student, metrics
@@ -234,22 +282,23 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
   level and sees the clean video as history (the cached teacher-forcing layout)."""
   f = cfg.chunk_frames
 
+  def loss_fn(p, micro):
+    x0, context, sig, eps = micro
+    x_t = flow.add_noise(x0, eps, sig)
+    model = nnx.merge(graphdef, p)
+    text = model.text_kv(context)
+    ctx = jax.lax.stop_gradient(model.context_kv(x0, f, text))
+    v = model.forward_with_context(x_t, sig * flow.NUM_TRAIN_TIMESTEPS, ctx, f, text)
+    return jnp.mean(jnp.square(v - flow.velocity_target(x0, eps)))
+
   def step(student, x0, context, key, step_index):
     k_lvl, k_eps = jax.random.split(key)
     sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                    # [B, F]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    x_t = flow.add_noise(x0, eps, sig)
-
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p)
-      text = model.text_kv(context)
-      ctx = jax.lax.stop_gradient(model.context_kv(x0, f, text))
-      v = model.forward_with_context(x_t, sig * flow.NUM_TRAIN_TIMESTEPS, ctx, f, text)
-      return jnp.mean(jnp.square(v - flow.velocity_target(x0, eps)))
-
-    loss, grads = jax.value_and_grad(loss_fn)(student["params"])
+    grads, loss = accumulate(jax.value_and_grad(loss_fn), student["params"],
+                             (x0, context, sig, eps), cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
-    metrics["fm/loss"] = loss
+    metrics["fm/loss"] = jnp.mean(loss)
     return student, metrics
 
   return step

@@ -107,7 +107,8 @@ def afd_config(config) -> steps.AFDConfig:
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
       disc_tau_max=a.disc_tau_max, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
-      old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both")
+      old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
+      micro_batches=config.train.micro_batches)
 
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:
@@ -280,7 +281,8 @@ def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
   Memoised on everything the programs depend on, so a second trainer of the same configuration
   (a resume, an evaluation, a test) reuses the traced and compiled programs."""
   key = (config.method, config.rollout.to_json(), config.afd.to_json(), config.optim.to_json(),
-         config.disc.to_json(), config.train.max_nonfinite, config.data.batch_size,
+         config.disc.to_json(), config.train.max_nonfinite, config.train.micro_batches,
+         config.data.batch_size,
          tuple(latent_shape), mesh, nets.student_config,  # with config.disc: the graphs
          tuple(jax.tree.leaves(nets.state_sharding)), jax.tree.structure(nets.state_sharding))
   if key not in _STEP_FNS:
@@ -295,7 +297,8 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
       noise=jax.jit(lambda k: jax.random.normal(k, (config.data.batch_size, *latent_shape),
                                                 jnp.float32), out_shardings=batch),
       rollout=rollout_lib.make_rollout(nets.student_graph, rollout_config(config),
-                                       out_shardings=batch))
+                                       out_shardings=batch,
+                                       micro_batches=config.train.micro_batches))
   if config.method not in ADVERSARIAL:
     fns.fm = jax.jit(steps.make_fm_step(nets.student_graph, nets.tx_student, afd),
                      donate_argnums=(0,), out_shardings=(sh["student"], None))
@@ -316,11 +319,15 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
 
 def check_divisibility(config, mesh, student_cfg: wan.WanConfig):
   """Batch and token counts the mesh must split evenly, refused before anything compiles."""
-  d = config.data
+  d, micro = config.data, config.train.micro_batches
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if d.batch_size % batch_devices:
     raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by the "
                      f"{batch_devices} data x fsdp devices of the mesh.")
+  if micro < 1 or d.batch_size % (batch_devices * micro):
+    raise ValueError(f"config.train.micro_batches={micro}: every micro-batch must give each of "
+                     f"the {batch_devices} data x fsdp devices the same number of videos; "
+                     f"batch_size={d.batch_size} is not divisible by {batch_devices} x {micro}.")
   ctx = mesh.shape["context"]
   tokens = (d.height // student_cfg.patch_size[1]) * (d.width // student_cfg.patch_size[2])
   if ctx > 1 and (tokens * config.rollout.chunk_frames) % ctx:

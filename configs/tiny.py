@@ -90,6 +90,7 @@ def get_config():
   c.train.keep_last = 3
   c.train.keep_every = 0
   c.train.max_nonfinite = 5
+  c.train.micro_batches = 1            # gradient accumulation: the batch in this many slices
   c.train.eval_every = 0               # evaluate held-out prompts every N steps (0: at the end)
   c.train.export = ""                  # write the EMA student here at the end (convert_wan format)
 

@@ -16,7 +16,7 @@ def get_config():
   c.model.preset = "1.3b"
   c.model.checkpoint = "checkpoints/student_1.3b"   # converted causal student (convert_wan)
   c.model.dtype = "bfloat16"
-  c.model.remat_policy = "dots"
+  c.model.remat_policy = "full"    # "dots" holds about 3x the activations (afd_jax.tools.plan)
 
   c.disc.checkpoint = "checkpoints/wan_1.3b"        # bidirectional Wan2.1-T2V-1.3B trunk
   c.disc.readout_layers = (13, 21, 29)
@@ -36,6 +36,7 @@ def get_config():
   c.optim.disc.lr = 2e-6
 
   c.train.num_steps = 1000
+  c.train.micro_batches = 8    # one video per device per micro-batch on 8 devices (fsdp=8)
   c.train.log_every = 1
   c.train.checkpoint_every = 25
   c.train.keep_every = 100

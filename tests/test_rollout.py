@@ -77,6 +77,23 @@ def test_fresh_noise_between_steps_comes_from_the_key(tiny_model):
   assert not np.allclose(first, other)
 
 
+def test_micro_batched_rollout_samples_each_slice_with_its_own_key(tiny_model):
+  """``micro_batches=2``: slice j (rows j, j + 2, ...) is the rollout of those rows under the j-th
+  split of the key, sampled one slice after the other."""
+  graphdef, state = nnx.split(tiny_model)
+  cfg = R.RolloutConfig(denoising_steps=(1000.0, 500.0))
+  rng = np.random.default_rng(0)
+  noise = jnp.asarray(rng.standard_normal((4, 6, 4, 6, 16)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((4, 7, 32)), jnp.float32)
+  key = jax.random.key(3)
+  got = R.make_rollout(graphdef, cfg, micro_batches=2)(state, noise, context, key)
+  one = R.make_rollout(graphdef, cfg)
+  for j, k in enumerate(jax.random.split(key, 2)):
+    np.testing.assert_allclose(got[j::2], one(state, noise[j::2], context[j::2], k), atol=1e-5)
+  with pytest.raises(ValueError, match="return_intermediates needs micro_batches=1"):
+    R.make_rollout(graphdef, cfg, return_intermediates=True, micro_batches=2)
+
+
 def test_cache_plans_and_bad_configs():
   plan = R.plan_cache(21, R.RolloutConfig())
   assert plan.capacity_frames == 18 and plan.reads == (0, 3, 6, 9, 12, 15, 18)

@@ -4,8 +4,9 @@ Two layers, kept apart on purpose:
 
 * **Kernels** compute plain, unmasked softmax attention ``softmax(q k^T / sqrt(D)) v`` over
   ``q [B, Nq, H, D]`` and ``k, v [B, Nk, H, D]``: ``dense`` (einsum, fp32 softmax; the ground truth
-  and the CPU path), ``cudnn`` (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPU,
-  and ``splash`` (the Pallas splash kernel) on TPU. ``auto`` picks by backend and dtype.
+  and the CPU path), ``blockwise`` (flash attention in plain JAX, O(N D) memory on any backend),
+  ``cudnn`` (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPU, and ``splash`` (the
+  Pallas splash kernel) on TPU. ``auto`` picks by backend and dtype.
 * **Layouts** express every causal pattern the student needs as *static slices* of the keys:
   chunk ``b`` of a block-causal sequence attends to the key prefix that ends with its own chunk, a
   teacher-forcing noisy chunk to the clean prefix plus itself, a KV-cache chunk to the cache plus
@@ -33,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from afd_jax import mesh as mesh_lib
 
-KERNELS = ("auto", "dense", "cudnn", "splash")
+KERNELS = ("auto", "dense", "blockwise", "cudnn", "splash")
 MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache", "cached_context")
 
 
@@ -96,6 +97,99 @@ def splash_attention(q, k, v, interpret: bool = False):
   return out.transpose(0, 2, 1, 3)[:, :nq].astype(q.dtype)
 
 
+_FLASH_BLOCK = 512
+
+
+def _blocks(x, size: int):
+  """``[B, N, ...]`` -> ``[N / size, B, size, ...]``, zero-padding N to a multiple of ``size``."""
+  pad = -x.shape[1] % size
+  x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+
+
+def _unblock(x, n: int):
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :n]
+
+
+def blockwise_attention(q, k, v, block: int = _FLASH_BLOCK):
+  """Flash attention in plain JAX (any backend): query blocks against key blocks with an online
+  softmax, and a backward pass that recomputes each block from the saved log-sum-exp. Memory is
+  O(N D) instead of the dense kernel's O(Nq Nk): the long-video path on CPU, and what the
+  compile-only planner uses to stand in for the splash / cuDNN kernels of a TPU or GPU."""
+  return _flash(q, k, v, min(block, q.shape[1]), min(block, k.shape[1]))
+
+
+def _flash_forward(q, k, v, bq, bk):
+  b, nq, h, d = q.shape
+  scale = 1.0 / math.sqrt(d)
+  kb, vb = _blocks(k, bk), _blocks(v, bk)
+  valid = (jnp.arange(kb.shape[0] * bk) < k.shape[1]).reshape(-1, bk)
+
+  def query_block(qi):
+    def key_block(carry, blk):
+      m, l, acc = carry
+      kj, vj, ok = blk
+      s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+      s = jnp.where(ok, s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      c = jnp.exp(m - m_new)
+      acc = acc * jnp.swapaxes(c, 1, 2)[..., None] + jnp.einsum(
+          "bhqk,bkhd->bqhd", p, vj, preferred_element_type=jnp.float32)
+      return (m_new, l * c + p.sum(-1), acc), None
+
+    init = (jnp.full((b, h, bq), -jnp.inf), jnp.zeros((b, h, bq)), jnp.zeros((b, bq, h, d)))
+    (m, l, acc), _ = jax.lax.scan(key_block, init, (kb, vb, valid))
+    return acc / jnp.swapaxes(l, 1, 2)[..., None], m + jnp.log(l)
+
+  out, lse = jax.lax.map(query_block, _blocks(q, bq))    # [nQ, B, bq, H, D], [nQ, B, H, bq]
+  return _unblock(out, nq).astype(q.dtype), lse            # lse stays blocked for the backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, bq, bk):
+  return _flash_forward(q, k, v, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, bq, bk):
+  out, lse = _flash_forward(q, k, v, bq, bk)
+  return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(bq, bk, res, g):
+  q, k, v, out, lse = res
+  nk, d = k.shape[1], q.shape[-1]
+  scale = 1.0 / math.sqrt(d)
+  delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1)   # [B, Nq, H]
+  kb, vb = _blocks(k, bk), _blocks(v, bk)
+  valid = (jnp.arange(kb.shape[0] * bk) < nk).reshape(-1, bk)
+
+  def query_block(dkv, xs):
+    qi, gi, di, lse_i = xs
+
+    def key_block(dq, blk):
+      kj, vj, ok = blk
+      s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+      p = jnp.where(ok, jnp.exp(s - lse_i[..., None]), 0.0)
+      dp = jnp.einsum("bqhd,bkhd->bhqk", gi, vj, preferred_element_type=jnp.float32)
+      ds = p * (dp - jnp.swapaxes(di, 1, 2)[..., None]) * scale
+      dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32)
+      return dq, (jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=jnp.float32),
+                  jnp.einsum("bhqk,bqhd->bkhd", p, gi, preferred_element_type=jnp.float32))
+
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qi.shape, jnp.float32), (kb, vb, valid))
+    return (dkv[0] + dk, dkv[1] + dv), dq
+
+  zeros = jnp.zeros(kb.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros),
+                              (_blocks(q, bq), _blocks(g, bq), _blocks(delta, bq), lse))
+  return (_unblock(dq, q.shape[1]).astype(q.dtype), _unblock(dk, nk).astype(k.dtype),
+          _unblock(dv, nk).astype(v.dtype))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def resolve_kernel(kernel: str, dtype) -> str:
   """Maps ``auto`` to the fast kernel of the current backend; validates explicit choices."""
   if kernel not in KERNELS:
@@ -113,7 +207,7 @@ def resolve_kernel(kernel: str, dtype) -> str:
 def attend(q, k, v, kernel: str = "auto"):
   """Unmasked attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` with the chosen kernel,
   sequence-parallel when the mesh in context has a ``context`` axis."""
-  fn = {"dense": dense_attention, "cudnn": cudnn_attention,
+  fn = {"dense": dense_attention, "blockwise": blockwise_attention, "cudnn": cudnn_attention,
         "splash": splash_attention}[resolve_kernel(kernel, q.dtype)]
   mesh = mesh_lib.current_mesh()
   ctx = mesh_lib.axis_size(mesh, "context")

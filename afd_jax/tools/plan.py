@@ -7,13 +7,13 @@ without weights, data or accelerators, so a pod can be sized before it is paid f
 The steps are lowered from abstract state (shapes and shardings only; nothing is allocated) and
 compiled for ``--devices`` CPU devices standing in for the chips: XLA partitions the program
 exactly as it would on the pod, and reports each device's argument, output, temporary and aliased
-(donated) bytes and its FLOPs. The training state per device is exact (it follows from the
-shardings); temporaries come from the CPU compiler, whose fusion and layout choices differ from a
-TPU's or GPU's, so treat them as an estimate and keep 10-20 % headroom. In particular the CPU
-runs the dense attention kernel, which materialises each chunk's ``[Nq, Nk]`` logits that the
-flash kernels of a TPU (splash) or GPU (cuDNN) never hold: at Wan's 4,680-token chunks the CPU
-figure for temporaries is an upper bound. A checkpoint the config names but that is not there yet
-is replaced by its preset's architecture.
+(donated) bytes; FLOPs per device are the model's (``afd_jax.flops``) over the devices. The
+training state per device is exact (it follows from the shardings); temporaries come from the CPU
+compiler, whose fusion and layout choices differ from a TPU's or GPU's, so treat them as an
+estimate and keep 10-20 % headroom. Attention compiles with the ``blockwise`` kernel (flash
+attention in plain JAX), standing in for the splash (TPU) or cuDNN (GPU) kernel an ``auto`` config
+gets on the target; both hold O(N D), never the ``[Nq, Nk]`` logits. A checkpoint the config names
+but that is not there yet is replaced by its preset's architecture.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from afd_jax import flops as flops_lib  # noqa: E402
 from afd_jax import mesh as mesh_lib  # noqa: E402
 from afd_jax import train  # noqa: E402
 from afd_jax.models import attention as attn_lib  # noqa: E402
@@ -88,6 +89,26 @@ def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
   }
 
 
+def model_flops(config, cfg, latent_shape) -> dict:
+  """Model FLOPs of each step for the whole batch (``afd_jax.flops``). XLA's own cost analysis
+  counts a loop body once (the scanned layers, NFT passes and micro-batches), so it is not used.
+  A backward costs two forwards, plus one more under rematerialisation."""
+  f, h, w, _ = latent_shape
+  tokens = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+  d, chunk, b = config.data, config.rollout.chunk_frames, config.data.batch_size
+  train_pass = 3 + (cfg.remat_policy != "none")
+  causal = flops_lib.forward_flops(cfg, f, tokens, d.text_length, "block_causal", chunk)["total"]
+  if config.method not in train.ADVERSARIAL:
+    return {"rollout": 0.0, "fm": b * (1 + train_pass) * causal}
+  bidirectional = flops_lib.forward_flops(cfg, f, tokens, d.text_length)["total"]
+  return {"rollout": b * flops_lib.rollout_flops(cfg, f, tokens, d.text_length, chunk,
+                                                 len(config.rollout.denoising_steps)),
+          "disc": 2 * b * train_pass * bidirectional,        # teacher and student videos
+          # context K/V of theta, old, ref; per NFT pass old and ref forwards, theta trained
+          "student": b * (3 + config.afd.nft_passes * (2 + train_pass)) * causal,
+          "old": 0.0}
+
+
 def plan(config) -> dict:
   """Compiles each step for the config's mesh and returns the per-device figures."""
   for field in ("model", "disc"):
@@ -96,6 +117,8 @@ def plan(config) -> dict:
       logging.warning("config.%s.checkpoint=%s is not there: planning with the %r preset's "
                       "architecture.", field, path, config.model.preset)
       config[field].checkpoint = ""
+  if jax.default_backend() == "cpu" and config.model.attention_kernel in ("auto", "cudnn", "splash"):
+    config.model.attention_kernel = "blockwise"  # stands in for the target's flash kernel
   mesh = mesh_lib.mesh_from_config(config)
   nets, state = train.build_state(config, mesh, abstract=True)
   train.check_divisibility(config, mesh, nets.student_config)
@@ -108,12 +131,11 @@ def plan(config) -> dict:
          "method": config.method, "batch_size": d.batch_size, "latent_shape": list(latent_shape),
          "state_bytes_per_device": state_bytes,
          "state_bytes": {k: _per_device_bytes(v) for k, v in state.items()}, "steps": {}}
+  flops = model_flops(config, nets.student_config, latent_shape)
   with jax.set_mesh(mesh):
     for name, (fn, args) in step_inputs(config, nets, state, mesh, latent_shape).items():
       compiled = fn.lower(*args).compile()
       mem = compiled.memory_analysis()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       # The state this step does not take stays resident while it runs.
       peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
               - mem.alias_size_in_bytes + max(state_bytes - _per_device_bytes(args), 0))
@@ -121,7 +143,7 @@ def plan(config) -> dict:
                             "outputs": mem.output_size_in_bytes,
                             "temporaries": mem.temp_size_in_bytes,
                             "donated": mem.alias_size_in_bytes, "peak": peak,
-                            "flops": float((cost or {}).get("flops", 0.0))}
+                            "flops": flops[name] / mesh.size}
   out["peak_bytes_per_device"] = max(s["peak"] for s in out["steps"].values())
   out["flops_per_device_per_iteration"] = sum(s["flops"] for s in out["steps"].values())
   return out
@@ -134,6 +156,13 @@ def _size(n: float) -> str:
   return f"{n:.0f} B"
 
 
+def _flop(n: float) -> str:
+  for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    if n >= scale:
+      return f"{n / scale:.1f} {unit}"
+  return f"{n:.0f} FLOP"
+
+
 def format_table(p: dict, hbm_gib: float = 0.0) -> str:
   lines = [f"{p['method']} on {p['devices']} {p['platform']} devices, mesh "
            + " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
@@ -142,13 +171,13 @@ def format_table(p: dict, hbm_gib: float = 0.0) -> str:
                                       if p["attention_kernel"] == "dense" else ""),
            f"training state per device: {_size(p['state_bytes_per_device'])} ("
            + ", ".join(f"{k} {_size(v)}" for k, v in p["state_bytes"].items()) + ")", "",
-           "| step | arguments | temporaries | outputs | donated | peak | GFLOP |",
+           "| step | arguments | temporaries | outputs | donated | peak | FLOPs |",
            "|---|---:|---:|---:|---:|---:|---:|"]
   for name, s in p["steps"].items():
     lines.append(f"| {name} | " + " | ".join(_size(s[k]) for k in (
-        "arguments", "temporaries", "outputs", "donated", "peak")) + f" | {s['flops'] / 1e9:.1f} |")
+        "arguments", "temporaries", "outputs", "donated", "peak")) + f" | {_flop(s['flops'])} |")
   lines.append(f"\npeak per device: {_size(p['peak_bytes_per_device'])}; "
-               f"{p['flops_per_device_per_iteration'] / 1e12:.3f} TFLOP per device per iteration")
+               f"{_flop(p['flops_per_device_per_iteration'])} per device per iteration")
   if hbm_gib:
     fits = p["peak_bytes_per_device"] <= 0.9 * hbm_gib * GIB
     lines.append(f"against {hbm_gib:g} GiB per chip (90% usable): "
