@@ -41,11 +41,15 @@ def test_rules_errors_name_the_parameter_and_the_fix():
                                        r"divisible by mesh axes \('fsdp',\) of size 8"):
     train.build_state(config(logical_rules=(("mlp", "fsdp"),), **{"model.overrides.ffn_dim": 100}),
                       mesh, abstract=True)
+  tiny = train.wan.preset("tiny")
   with pytest.raises(ValueError, match=r"micro_batches=3: .* batch_size=8 is not divisible by 1 x 3"):
-    train.check_divisibility(config(**{"train.micro_batches": 3}), mesh_lib.make_mesh(1),
-                             train.wan.preset("tiny"))
+    train.check_divisibility(config(**{"train.micro_batches": 3}), mesh_lib.make_mesh(1), tiny)
   with pytest.raises(ValueError, match="mesh.context=4 does not divide the 18 tokens"):
-    train.Trainer(config(**{"mesh.num_devices": 8, "mesh.data": 2, "mesh.context": 4}), "/tmp/x")
+    train.check_divisibility(config(), mesh_lib.make_mesh(8, data=2, context=4), tiny)
+  with pytest.raises(ValueError, match="mesh.tensor=8 does not divide the 4 attention heads"):
+    train.check_divisibility(config(), mesh_lib.make_mesh(8, data=1, tensor=8), tiny)
+  with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 8 data x fsdp"):
+    train.check_divisibility(config(**{"data.batch_size": 4}), mesh_lib.make_mesh(8), tiny)
 
 
 def test_every_parameter_and_moment_carries_its_rules_sharding():

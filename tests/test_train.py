@@ -62,15 +62,6 @@ def test_config_errors_name_the_field(key, value, message):
     train.validate(small_config(**{key: value}))
 
 
-def test_mesh_and_batch_errors():
-  with pytest.raises(ValueError, match="does not divide"):
-    train.Trainer(small_config(**{"mesh.num_devices": 8, "mesh.data": 3}), "/tmp/unused")
-  with pytest.raises(ValueError, match="not divisible by the 8 data x fsdp devices"):
-    train.Trainer(small_config(**{"mesh.num_devices": 8, "data.batch_size": 4}), "/tmp/unused")
-  with pytest.raises(ValueError, match="nft_passes"):
-    train.Trainer(small_config(**{"afd.nft_passes": 5}), "/tmp/unused")
-
-
 def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
   """SIGTERM saves and exits; SIGKILL loses only the work since the last checkpoint; the resumed
   run ends with exactly the state of an uninterrupted one."""
