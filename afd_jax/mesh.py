@@ -14,7 +14,6 @@ so model code runs unchanged on one device or on a pod.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -27,9 +26,9 @@ BATCH = ("data", "fsdp")
 
 
 def make_mesh(num_devices: int = 0, data: int = -1, fsdp: int = 1, context: int = 1,
-              tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+              tensor: int = 1) -> Mesh:
   """``num_devices`` 0 uses every device; one axis size may be -1 (whatever the others leave)."""
-  devices = list(jax.devices() if devices is None else devices)
+  devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices are visible.")
@@ -53,7 +52,7 @@ def make_mesh(num_devices: int = 0, data: int = -1, fsdp: int = 1, context: int 
 
 def mesh_from_config(config) -> Mesh:
   m = config.mesh
-  return make_mesh(m.num_devices, m.data, m.fsdp, m.get("context", 1), m.get("tensor", 1))
+  return make_mesh(m.num_devices, m.data, m.fsdp, m.context, m.tensor)
 
 
 # ----------------------------------------------------------------------------------------------

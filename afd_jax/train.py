@@ -187,13 +187,13 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
                                      freeze_below=config.disc.freeze_below)
   path, seed = config.disc.checkpoint, config.seed + 1
+  trunk_cfg = wan_checkpoint.load_config(path) if path else student.config
+  shapes = nnx.eval_shape(lambda: disc_lib.init(wan.WanModel(trunk_cfg, rngs=nnx.Rngs(0)), cfg))
   if abstract:
-    trunk_cfg = wan_checkpoint.load_config(path) if path else student.config
-    return nnx.eval_shape(lambda: disc_lib.init(wan.WanModel(trunk_cfg, rngs=nnx.Rngs(0)), cfg))
+    return shapes
   trunk = wan.from_pretrained(path, shardings=shardings) if path else student
   trunk_graph, trunk_state = nnx.split(trunk)
-  graph, state = nnx.split(nnx.eval_shape(
-      lambda: disc_lib.init(wan.WanModel(trunk.config, rngs=nnx.Rngs(0)), cfg)))
+  graph, state = nnx.split(shapes)
   make = jax.jit(lambda t: nnx.to_pure_dict(nnx.state(disc_lib.init(nnx.merge(trunk_graph, t),
                                                                     cfg, seed=seed))),
                  out_shardings=shardings and shardings(state))
@@ -345,7 +345,7 @@ class Trainer:
     self.config = config
     self.workdir = Path(workdir)
     self.method = config.method
-    self.afd = afd_config(config)
+    afd_config(config)  # refuses bad method hyperparameters before anything is built
     self.mesh = mesh_lib.mesh_from_config(config)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self._stop_requested = False

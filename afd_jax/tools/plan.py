@@ -99,7 +99,7 @@ def model_flops(config, cfg, latent_shape) -> dict:
   train_pass = 3 + (cfg.remat_policy != "none")
   causal = flops_lib.forward_flops(cfg, f, tokens, d.text_length, "block_causal", chunk)["total"]
   if config.method not in train.ADVERSARIAL:
-    return {"rollout": 0.0, "fm": b * (1 + train_pass) * causal}
+    return {"fm": b * (1 + train_pass) * causal}
   bidirectional = flops_lib.forward_flops(cfg, f, tokens, d.text_length)["total"]
   return {"rollout": b * flops_lib.rollout_flops(cfg, f, tokens, d.text_length, chunk,
                                                  len(config.rollout.denoising_steps)),
