@@ -2,13 +2,16 @@
 
 A teacher returns finished videos; the student works on latents. The encoder between them is
 pluggable: ``PixelEncoder`` (an exact space-to-depth rearrangement, for the built-in physics
-demo) now, the Wan VAE later. Both sides agree on channel-last layouts: pixels ``[T, H, W, 3]``
-uint8, latents ``[F, h, w, C]`` float32.
+demo) and ``WanVAEEncoder`` (the Wan2.1 VAE, for real Wan students). Both sides agree on
+channel-last layouts: pixels ``[T, H, W, 3]`` uint8, latents ``[F, h, w, C]`` float32. ``spec``
+is what a teacher store records to rebuild the encoder (``make(**spec)``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+from pathlib import Path
+from typing import Any, Protocol
 
 import einops
 import numpy as np
@@ -16,6 +19,11 @@ import numpy as np
 
 class LatentEncoder(Protocol):
   name: str
+  spatial_stride: int  # pixels per latent, in height and width
+
+  @property
+  def spec(self) -> dict[str, Any]:
+    """JSON-able ``make`` arguments that rebuild this encoder."""
 
   def latent_shape(self, video_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """``(T, H, W, 3)`` -> ``(F, h, w, C)``; raises ValueError for a shape it cannot encode."""
@@ -39,7 +47,11 @@ class PixelEncoder:
   def __init__(self, patch: int = 4):
     if patch < 1:
       raise ValueError(f"PixelEncoder patch must be >= 1, got {patch}.")
-    self.patch = patch
+    self.patch = self.spatial_stride = patch
+
+  @property
+  def spec(self):
+    return {"name": self.name, "patch": self.patch}
 
   def latent_shape(self, video_shape):
     t, h, w, c = video_shape
@@ -66,11 +78,80 @@ class PixelEncoder:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-ENCODERS = {"pixels": PixelEncoder}
+class WanVAEEncoder:
+  """The Wan2.1 VAE: ``1 + 4k`` frames of ``H x W`` -> ``1 + k`` normalised latent frames of
+  ``H/8 x W/8 x 16`` (the posterior mean), and back (clamped to [-1, 1], then uint8).
+
+  ``vae`` is a checkpoint in any layout ``wan_vae_checkpoint.load`` reads; it is loaded on first
+  use. ``chunk`` latent frames are processed at a time (0: the whole video); ``tile`` > 0 cuts
+  frames larger than ``tile`` pixels into tiles every ``tile_stride`` (default 3/4 of ``tile``).
+  """
+
+  name = "wan_vae"
+  spatial_stride = 8
+
+  def __init__(self, vae: str, chunk: int = 1, tile: int = 0, tile_stride: int = 0,
+               dtype: str = "float32"):
+    from afd_jax.models import wan_vae, wan_vae_checkpoint
+    if not vae or not Path(vae).exists():
+      raise FileNotFoundError(
+          f"Wan VAE checkpoint {vae!r} does not exist: set it (--vae, config.data.vae) to "
+          f"{wan_vae_checkpoint.ORIGINAL_FILE}, a diffusers vae/ folder or a folder made by "
+          f"`{wan_vae_checkpoint.CONVERT}`.")
+    self.path = str(Path(vae).absolute())
+    self.chunk, self.dtype = chunk, dtype
+    self.tiling = wan_vae.Tiling(tile, tile_stride or tile // 4 * 3) if tile else None
+    self.config = wan_vae_checkpoint.load_config(self.path, dtype=dtype)
+    if self.tiling:
+      self.tiling.check(self.config.spatial_stride)
+    self.spatial_stride = self.config.spatial_stride
+
+  @property
+  def spec(self):
+    return {"name": self.name, "vae": self.path, "chunk": self.chunk,
+            "tile": self.tiling.size if self.tiling else 0,
+            "tile_stride": self.tiling.stride if self.tiling else 0, "dtype": self.dtype}
+
+  @functools.cached_property
+  def vae(self):
+    from afd_jax.models import wan_vae_checkpoint
+    return wan_vae_checkpoint.load(self.path, dtype=self.dtype)
+
+  def latent_shape(self, video_shape):
+    t, h, w, c = video_shape
+    if c != 3:
+      raise ValueError(f"video shape {tuple(video_shape)} is not RGB frames [T, H, W, 3].")
+    return (*self.config.latent_shape(t, h, w), self.config.z_dim)
+
+  def encode(self, frames):
+    from afd_jax.models import wan_vae
+    frames = np.asarray(frames)
+    self.latent_shape(frames.shape)
+    x = wan_vae.encode(self.vae, wan_vae.to_pixels(frames)[None], chunk=self.chunk,
+                       tiling=self.tiling)
+    return np.asarray(x[0], np.float32)
+
+  def decode(self, latents):
+    from afd_jax.models import wan_vae
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 4 or latents.shape[-1] != self.config.z_dim:
+      raise ValueError(f"latents {latents.shape} are not [F, h, w, {self.config.z_dim}] Wan VAE "
+                       "latents.")
+    x = wan_vae.decode(self.vae, latents[None], chunk=self.chunk, tiling=self.tiling)
+    return wan_vae.to_uint8(x[0])
+
+
+ENCODERS = {"pixels": PixelEncoder, "wan_vae": WanVAEEncoder}
 
 
 def make(name: str, **kwargs) -> LatentEncoder:
   if name not in ENCODERS:
-    raise ValueError(f"unknown latent encoder {name!r}; choose one of {sorted(ENCODERS)} "
-                     "(the Wan VAE encoder arrives with its own issue).")
+    raise ValueError(f"unknown latent encoder {name!r}; choose one of {sorted(ENCODERS)}.")
   return ENCODERS[name](**kwargs)
+
+
+def from_config(data) -> LatentEncoder:
+  """The encoder ``config.data`` names (``encoder``, ``encoder_patch``, ``vae*``)."""
+  if data.encoder == "wan_vae":
+    return WanVAEEncoder(data.vae, chunk=data.vae_chunk, tile=data.vae_tile)
+  return make(data.encoder, patch=data.encoder_patch)

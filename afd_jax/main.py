@@ -86,16 +86,24 @@ def run_rollout(config, workdir: Path) -> dict:
   if not np.isfinite(lat).all():
     raise FloatingPointError("the rollout produced non-finite latents.")
   samples = workdir / "samples"
-  frames = np.stack([video.latents_to_frames(v, upscale=config.output.upscale) for v in lat])
-  gif = video.write_gif(video.tile(frames), samples / "rollout.gif", fps=config.output.fps)
+  if config.data.vae:  # real Wan latents: decode them and write what people watch
+    from afd_jax import encoders
+    vae = encoders.WanVAEEncoder(config.data.vae, chunk=config.data.vae_chunk,
+                                 tile=config.data.vae_tile)
+    sample_path = [video.write_mp4(vae.decode(v), samples / f"rollout_{i}.mp4",
+                                   fps=config.output.fps) for i, v in enumerate(lat)][0]
+  else:
+    frames = np.stack([video.latents_to_frames(v, upscale=config.output.upscale) for v in lat])
+    sample_path = video.write_gif(video.tile(frames), samples / "rollout.gif",
+                                  fps=config.output.fps)
   np.save(samples / "rollout_latents.npy", lat)
   summary = {"mode": "rollout", "model": cfg.architecture(), "latent_shape": list(lat.shape),
              "timesteps": [float(t) for t in rcfg.timesteps()], "compile_seconds": compile_s,
-             "rollout_seconds": run_s, "video": str(gif), "latent_mean": float(lat.mean()),
-             "latent_std": float(lat.std())}
+             "rollout_seconds": run_s, "video": str(sample_path),
+             "latent_mean": float(lat.mean()), "latent_std": float(lat.std())}
   (workdir / "rollout.json").write_text(json.dumps(summary, indent=2))
-  print(f"wrote {gif} ({lat.shape[0]} videos, {lat.shape[1]} latent frames) in {run_s:.2f}s "
-        f"after a {compile_s:.1f}s compile; summary in {workdir / 'rollout.json'}")
+  print(f"wrote {sample_path} ({lat.shape[0]} videos, {lat.shape[1]} latent frames) in "
+        f"{run_s:.2f}s after a {compile_s:.1f}s compile; summary in {workdir / 'rollout.json'}")
   return summary
 
 

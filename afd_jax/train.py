@@ -89,6 +89,11 @@ def validate(config: ml_collections.ConfigDict):
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")
+  if d.encoder == "wan_vae" and d.teacher in ("physics", "http", "callable") and not d.vae:
+    problems.append("config.data.encoder='wan_vae' needs config.data.vae (the VAE checkpoint)")
+  if d.vae and not Path(d.vae).exists():
+    problems.append(f"config.data.vae={d.vae!r} does not exist; convert the Wan VAE with `python -m "
+                    "afd_jax.tools.convert_wan_vae Wan2.1_VAE.pth DST` and point the field at DST")
   for field, path in (("config.model.checkpoint", config.model.checkpoint),
                       ("config.disc.checkpoint", config.disc.checkpoint)):
     if path and not Path(path).exists():
@@ -558,11 +563,26 @@ class Trainer:
     up = self.config.output.upscale
     if self.data.encoder is None:
       return np.stack([video.latents_to_frames(v, upscale=up) for v in videos])
-    up = max(1, up // self.config.data.encoder_patch)
+    up = max(1, up // self.data.encoder.spatial_stride)
     return videos.repeat(up, axis=2).repeat(up, axis=3)
 
+  def write_samples(self, step: int, ids, teacher, student) -> Path:
+    """Teacher above student: full-size VAE videos as one MP4 per prompt (``output.max_videos``
+    of them), small ones as one GIF of the whole batch side by side."""
+    fps = self.config.output.fps
+    if getattr(self.data.encoder, "name", None) == "wan_vae":
+      folder = self.workdir / "samples" / f"step_{step:06d}"
+      for i in range(min(len(ids), self.config.output.max_videos)):
+        line = np.full((teacher.shape[1], 2, *teacher.shape[3:]), 255, np.uint8)
+        video.write_mp4(np.concatenate([teacher[i], line, student[i]], axis=1),
+                        folder / f"prompt_{ids[i]}.mp4", fps=fps)
+      return folder
+    n = self.config.data.batch_size
+    grid = np.concatenate([video.tile(self.viewable(x[:n])) for x in (teacher, student)], 1)
+    return video.write_gif(grid, self.workdir / "samples" / f"step_{step:06d}.gif", fps=fps)
+
   def evaluate(self, step: int, params=None, write: bool = True) -> dict:
-    """The student (EMA by default) on held-out prompts; process 0 writes a sample video (top:
+    """The student (EMA by default) on held-out prompts; process 0 writes sample videos (top:
     teacher, bottom: student)."""
     params = self.state["student"]["ema"] if params is None else params
     ids = self.eval_ids()
@@ -570,12 +590,9 @@ class Trainer:
     student = self.student_videos(params, ids, self.config.seed + EVAL_SEED)
     out = {f"eval/{k}": v for k, v in self.score(student, ids, teacher).items()}
     if write and jax.process_index() == 0:
-      n = self.config.data.batch_size
-      grid = np.concatenate([video.tile(self.viewable(x[:n])) for x in (teacher, student)], 1)
-      gif = video.write_gif(grid, self.workdir / "samples" / f"step_{step:06d}.gif",
-                            fps=self.config.output.fps)
-      out["samples"] = str(gif)
-      logging.info("samples (top: teacher, bottom: student EMA) in %s", gif)
+      path = self.write_samples(step, ids, teacher, student)
+      out["samples"] = str(path)
+      logging.info("samples (top: teacher, bottom: student EMA) in %s", path)
     return out
 
   def copy(self, params):

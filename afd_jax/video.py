@@ -115,6 +115,40 @@ def video_fps(path) -> float | None:
   return float(rate) if rate else None
 
 
+FITS = {"crop": "the first T frames, bicubic resize (antialiased) to cover H x W, centre crop",
+        "stretch": "the first T frames, bicubic resize (antialiased) to H x W",
+        "exact": "none: only videos of exactly [T, H, W, 3]"}
+
+
+def fit(frames: np.ndarray, num_frames: int, height: int, width: int, mode: str) -> np.ndarray:
+  """``frames`` as exactly ``[num_frames, height, width, 3]``: the first ``num_frames`` frames,
+  resized (bicubic, antialiased when shrinking) to cover the target and centre-cropped
+  (``crop``, aspect kept) or resized to it (``stretch``). ``exact`` changes nothing. A video that
+  cannot fit (too few frames, or any difference under ``exact``) raises ``VideoError``."""
+  if mode not in FITS:
+    raise ValueError(f"fit mode {mode!r} is not one of {list(FITS)}.")
+  t, h, w = frames.shape[:3]
+  if (t, h, w) == (num_frames, height, width):
+    return frames
+  if mode == "exact" or t < num_frames:
+    raise VideoError(f"video shape [T, H, W, 3] = {list(frames.shape)}, expected "
+                     f"{[num_frames, height, width, 3]}"
+                     + (" (fewer frames than wanted)" if t < num_frames else
+                        " (--fit crop or stretch resizes and trims)"))
+  frames = frames[:num_frames]
+  if (h, w) == (height, width):
+    return frames
+  if mode == "crop":
+    scale = max(height / h, width / w)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+  else:
+    size = (width, height)
+  resized = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BICUBIC))
+                      for f in frames])
+  top, left = (size[1] - height) // 2, (size[0] - width) // 2
+  return resized[:, top:top + height, left:left + width]
+
+
 def write_mp4(frames: np.ndarray, path, fps: float = 16.0) -> Path:
   """Writes uint8 ``[T, H, W, 3]`` frames as an H.264 mp4 (MPEG-4 part 2 where this FFmpeg has no
   libx264), yuv420p so that every player shows it.

@@ -46,8 +46,12 @@ def get_config():
   c.data.teacher_callable = ""         # callable: "module:function(prompts, seed) -> videos"
   c.data.teacher_cache = ""            # online teachers' cache; empty: WORKDIR/teacher_cache
   c.data.prompts = ""                  # online teachers: .txt / .jsonl prompts
-  c.data.encoder = "pixels"            # video -> latents (video teachers)
+  c.data.encoder = "pixels"            # video -> latents (video teachers): pixels | wan_vae
   c.data.encoder_patch = 4
+  c.data.vae = ""                      # Wan VAE checkpoint (any layout; convert_wan_vae): encodes
+                                       # for wan_vae, decodes store and rollout samples to MP4
+  c.data.vae_chunk = 1                 # latent frames per VAE step (0: whole video at once)
+  c.data.vae_tile = 0                  # >0: spatial tiles of this many pixels (large frames)
   c.data.prompt_seed = 0               # physics: which grammar prompts
   c.data.num_prompts = 64              # training prompts
   c.data.num_eval_prompts = 8          # held-out prompts (evaluation, samples)
@@ -115,6 +119,7 @@ def get_config():
   c.output = ml_collections.ConfigDict()
   c.output.fps = 8.0
   c.output.upscale = 8
+  c.output.max_videos = 4              # decoded (VAE) samples: one MP4 per prompt, this many
 
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at_step = -1            # preemption drills: SIGKILL ourselves after this step

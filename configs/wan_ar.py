@@ -6,6 +6,13 @@ start, before anything compiles, naming each missing path and the command that p
 
     python -m afd_jax.tools.convert_wan /ckpt/self_forcing_dmd.pt checkpoints/student_1.3b
     python -m afd_jax.tools.convert_wan /ckpt/Wan2.1-T2V-1.3B checkpoints/wan_1.3b
+    python -m afd_jax.tools.convert_wan_vae /ckpt/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth checkpoints/wan_vae
+    python -m afd_jax.tools.build_teacher_store --prompts P.jsonl --videos DIR --out STORE \
+        --encoder wan_vae --vae checkpoints/wan_vae --num_frames 81 --height 480 --width 832 \
+        --text_embeddings UMT5_DIR
+
+The VAE decodes evaluation samples (teacher above student, one MP4 per prompt in
+``WORKDIR/samples/step_N/``) and ``--config.mode=rollout`` samples.
 """
 
 from configs import tiny
@@ -23,6 +30,7 @@ def get_config():
   c.disc.readout_ffn_dim = 8192
 
   c.data.teacher = "store"                          # a teacher store (build_teacher_store)
+  c.data.vae = "checkpoints/wan_vae"                # Wan2.1 VAE (convert_wan_vae): decodes samples
   c.data.num_prompts = 0                            # taken from the store
   c.data.text_length = 512
   c.data.batch_size = 64
@@ -34,6 +42,8 @@ def get_config():
   c.afd.disc_warmup_steps = 100
   c.optim.student.lr = 2e-6
   c.optim.disc.lr = 2e-6
+
+  c.output.fps = 16.0                               # Wan2.1's frame rate
 
   c.train.num_steps = 1000
   c.train.micro_batches = 8    # one video per device per micro-batch on 8 devices (fsdp=8)

@@ -97,3 +97,31 @@ def pytest_collection_modifyitems(items):
   """Slow modules first (longest-first scheduling): with ``--dist worksteal`` (setup.cfg) the
   workers end on short tests they take from each other, not on one minute-long trainer run."""
   items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
+
+
+@pytest.fixture(scope="session")
+def diffusers_vae(tmp_path_factory):
+  """A small random-weight diffusers ``AutoencoderKLWan`` (Wan2.1 topology, base_dim 8) and the
+  folder it is saved in (config.json + safetensors): the PyTorch reference of the VAE tests."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  torch.manual_seed(0)
+  model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16).eval()
+  with torch.no_grad():  # unit gammas and zero biases would hide mistakes in their conversion
+    for name, p in model.named_parameters():
+      if name.endswith("gamma"):
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.1 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp("vae") / "diffusers"
+  model.save_pretrained(path)
+  return model, path
+
+
+@pytest.fixture(scope="session")
+def small_vae(tmp_path_factory):
+  """A small random Wan VAE in the converted (Orbax) format: no torch needed to use it."""
+  from afd_jax.models import wan_vae, wan_vae_checkpoint
+  path = tmp_path_factory.mktemp("vae") / "converted"
+  wan_vae_checkpoint.save_converted(wan_vae.init(wan_vae.VAEConfig(base_dim=8), seed=1), path)
+  return path

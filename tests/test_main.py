@@ -24,6 +24,18 @@ def test_rollout_mode_writes_a_sample_video(tmp_path):
   assert np.isfinite(np.load(tmp_path / "samples" / "rollout_latents.npy")).all()
 
 
+def test_rollout_mode_decodes_with_a_vae_to_mp4(tmp_path, small_vae):
+  from afd_jax import video
+  proc = _main("--config=tests/small_config.py", f"--workdir={tmp_path}", "--config.mode=rollout",
+               "--config.data.batch_size=1", "--config.data.num_frames=4",
+               "--config.rollout.chunk_frames=2", "--config.data.height=2",
+               "--config.data.width=2", f"--config.data.vae={small_vae}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "rollout.json").read_text())
+  assert summary["latent_shape"] == [1, 4, 2, 2, 16]
+  assert video.read_video(summary["video"]).shape == (13, 16, 16, 3)  # 1 + 4 x 3 frames, 8x
+
+
 def test_bad_config_fails_before_compiling(tmp_path):
   proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.num_frames=8")
   assert proc.returncode != 0 and "not a multiple of" in proc.stderr
@@ -36,4 +48,6 @@ def test_wan_ar_config_names_what_is_missing_before_compiling(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "config.model.checkpoint='checkpoints/student_1.3b' does not exist" in proc.stderr
   assert "python -m afd_jax.tools.convert_wan SRC DST" in proc.stderr
+  assert "config.data.vae='checkpoints/wan_vae' does not exist" in proc.stderr
+  assert "afd_jax.tools.convert_wan_vae" in proc.stderr
   assert not (tmp_path / "checkpoints").exists()

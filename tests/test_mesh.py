@@ -99,9 +99,9 @@ def single_device(tmp_path_factory):
   return _two_iterations(config(), tmp_path_factory.mktemp("one"))
 
 
-@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 4, "fsdp": 2},
+@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "fsdp": 4},
                                   {"data": 2, "context": 2, "tensor": 2}],
-                         ids=["8x1", "2x4", "4x2", "context2-tensor2"])
+                         ids=["8x1", "2x4", "context2-tensor2"])
 def test_sharded_afd_steps_match_one_device(single_device, axes, tmp_path):
   """Two full AFD iterations (rollout with KV cache, discriminator, advantage, NFT student step,
   old-policy update) on a mesh of 8 devices against one device."""

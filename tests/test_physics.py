@@ -89,3 +89,17 @@ def test_pixel_encoder_round_trip_and_errors():
     enc.latent_shape((3, 30, 32, 3))
   with pytest.raises(ValueError, match="unknown latent encoder"):
     encoders.make("vae")
+
+
+def test_encoder_from_config_builds_the_wan_vae_for_video_teachers(small_vae):
+  import ml_collections
+  data = ml_collections.ConfigDict({"encoder": "wan_vae", "vae": str(small_vae), "vae_chunk": 2,
+                                    "vae_tile": 64, "encoder_patch": 4})
+  enc = encoders.from_config(data)
+  assert enc.name == "wan_vae" and enc.spatial_stride == 8
+  assert enc.latent_shape((81, 480, 832, 3)) == (21, 60, 104, 16)
+  assert (enc.spec["chunk"], enc.spec["tile"], enc.spec["tile_stride"]) == (2, 64, 48)
+  with pytest.raises(ValueError, match="not of the form 4k\\+1"):
+    enc.latent_shape((12, 32, 32, 3))
+  data.encoder = "pixels"
+  assert encoders.from_config(data).spec == {"name": "pixels", "patch": 4}

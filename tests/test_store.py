@@ -237,7 +237,7 @@ def test_cli_builds_a_store_and_reports_every_skip(tmp_path):
   (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
   out = tmp_path / "store"
   result = run_cli("--prompts", tmp_path / "prompts.jsonl", "--videos", videos, "--out", out,
-                   "--patch", 4, "--num_frames", 6)
+                   "--patch", 4, "--num_frames", 6, "--fit", "exact")
   assert result.returncode == 0, result.stderr
 
   report = json.loads((out / "report.json").read_text())
@@ -297,3 +297,52 @@ def test_cli_text_embedding_folder_and_refusals(tmp_path):
                     "--out", tmp_path / "empty_store")
   assert nothing.returncode != 0 and "no records" in nothing.stderr
   assert "no video found" in nothing.stdout and not (tmp_path / "empty_store").exists()
+
+
+def test_cli_encodes_with_the_wan_vae_fitting_videos_to_the_shape(tmp_path, small_vae):
+  """15 frames of 24x40 (mp4) are trimmed to 13 and resized to cover 16x16, then centre-cropped;
+  a 13x16x16 .npy is taken as is. Latents are the VAE's; the fit and the VAE are recorded."""
+  rng = np.random.default_rng(0)
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  big = rng.integers(0, 256, (15, 6, 10, 3), np.uint8).repeat(4, 1).repeat(4, 2)
+  video.write_mp4(big, videos / "0.mp4", fps=16)
+  np.save(videos / "1.npy", rng.integers(0, 256, (13, 16, 16, 3), np.uint8))
+  (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                  for p in PROMPTS[:2]))
+  args = ["--prompts", tmp_path / "prompts.jsonl", "--videos", videos, "--encoder", "wan_vae",
+          "--vae", small_vae, "--height", 16, "--width", 16]
+  result = run_cli(*args, "--out", tmp_path / "store", "--num_frames", 13)
+  assert result.returncode == 0, result.stderr
+
+  store = store_lib.TeacherStore(tmp_path / "store")
+  assert store.latent_shape == (4, 2, 2, 16) and store.fps == 16.0
+  assert store.metadata["video_shape"] == [13, 16, 16, 3]
+  assert store.metadata["preprocess"]["fit"] == "crop"
+  assert store.encoder_spec == {"name": "wan_vae", "vae": str(small_vae.absolute()), "chunk": 1,
+                                "tile": 0, "tile_stride": 0, "dtype": "float32"}
+  report = json.loads((tmp_path / "store" / "report.json").read_text())
+  assert [s["fitted_from"] for s in report["samples"]] == [[15, 24, 40, 3], None]
+  encoder = store.encoder()
+  fitted = video.fit(video.read_video(videos / "0.mp4"), 13, 16, 16, "crop")
+  np.testing.assert_allclose(store.read([0], "latents")[0], encoder.encode(fitted), atol=1e-5)
+  np.testing.assert_allclose(store.read([1], "latents")[0],
+                             encoder.encode(np.load(videos / "1.npy")), atol=1e-5)
+
+  refused = run_cli(*args, "--out", tmp_path / "bad", "--num_frames", 6)
+  assert refused.returncode != 0 and "6 frames is not of the form 4k+1" in refused.stderr
+  assert "trim to 5 or 9" in refused.stderr and not (tmp_path / "bad").exists()
+
+
+def test_fit_crops_stretches_and_refuses():
+  frames = np.zeros((7, 20, 40, 3), np.uint8)
+  frames[:, :, 10:30] = 255                       # a white band in the middle of the width
+  crop = video.fit(frames, 5, 16, 16, "crop")     # scaled to 16x32, the middle 16 columns kept
+  assert crop.shape == (5, 16, 16, 3) and crop.mean() > 250
+  stretch = video.fit(frames, 5, 16, 16, "stretch")
+  assert stretch.shape == (5, 16, 16, 3) and 100 < stretch.mean() < 160
+  assert video.fit(frames, 7, 20, 40, "exact") is frames
+  with pytest.raises(video.VideoError, match="fewer frames"):
+    video.fit(frames, 9, 16, 16, "crop")
+  with pytest.raises(video.VideoError, match="--fit crop or stretch"):
+    video.fit(frames, 5, 16, 16, "exact")

@@ -18,6 +18,7 @@ import pytest
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data
 from afd_jax import train
+from afd_jax import video
 from afd_jax.teachers import physics
 from configs import tiny
 from small_config import override
@@ -162,34 +163,45 @@ def test_frozen_discriminator_blocks_and_head_groups(tiny_model, inputs):
       np.testing.assert_array_equal(x, y)                         # frozen, or lr x 0
 
 
-def _physics_store(path, prompts, encoder, text_length=16, text_dim=32):
+def _physics_store(path, prompts, encoder, world, text_length=16, text_dim=32, spec=None):
   from afd_jax.teachers import store as store_lib
-  world = physics.PhysicsWorld(size=8, num_frames=3, radius=0.2)
   text = physics.TextEncoder(dim=text_dim, length=text_length)(prompts)
   records = [store_lib.Record(p, i, s, text[i], encoder.encode(world.render(p, s)))
              for i, p in enumerate(prompts) for s in range(2)]
-  return store_lib.build_store(records, path, encoder={"name": "pixels", "patch": encoder.patch},
-                               fps=world.fps)
+  return store_lib.build_store(records, path, encoder=spec or encoder.spec, fps=world.fps)
 
 
-def test_training_reads_a_teacher_store_and_refuses_one_that_does_not_fit(tmp_path):
+def test_training_reads_a_wan_vae_store_and_writes_decoded_samples(tmp_path, small_vae):
+  """A store of Wan VAE latents built on another machine (its recorded VAE path is not here):
+  config.data.vae points at the local VAE, evaluation decodes teacher and student latents to
+  pixels and writes one MP4 per prompt; a store that does not fit the config is refused."""
   from afd_jax import encoders
   prompts = physics.sample_prompts(12, max_balls=1)
-  store = _physics_store(tmp_path / "store", prompts, encoders.PixelEncoder(2))
+  world = physics.PhysicsWorld(size=16, num_frames=13, radius=0.2)  # -> 4 x 2 x 2 latents
+  vae = encoders.WanVAEEncoder(str(small_vae))
+  store = _physics_store(tmp_path / "store", prompts, vae, world,
+                         spec={**vae.spec, "vae": "/elsewhere/wan_vae"})
   cfg = small_config(method="sft", **{"data.teacher": "store", "data.store": str(store),
-                                      "data.num_eval_prompts": 4, "data.batch_size": 4,
-                                      "data.text_length": 16,
-                                      "data.height": 4, "data.width": 4, "train.num_steps": 1,
-                                      "train.checkpoint_every": 0})
-  cfg.model.overrides.in_dim = cfg.model.overrides.out_dim = 12
+                                      "data.vae": str(small_vae), "data.num_eval_prompts": 4,
+                                      "data.batch_size": 4, "data.text_length": 16,
+                                      "data.num_frames": 4, "rollout.chunk_frames": 2,
+                                      "data.height": 2, "data.width": 2, "train.num_steps": 1,
+                                      "train.checkpoint_every": 0, "output.max_videos": 2})
   trainer = train.Trainer(cfg, tmp_path / "run")
   assert trainer.pool.prompts == prompts and trainer.pool.num_train == 8
+  assert trainer.data.encoder.path == str(small_vae.absolute())
   batch = trainer._host_batch(0)[1]
   ids = data.batch_ids(0, 4, 8, cfg.seed)
   np.testing.assert_array_equal(batch, trainer.data.source.latents(ids, 0))
   summary = trainer.run()
   assert np.isfinite(summary["eval/frechet_distance"]) and np.isfinite(summary["fm/loss"])
+  samples = sorted((tmp_path / "run" / "samples" / "step_000001").glob("prompt_*.mp4"))
+  assert len(samples) == 2
+  assert video.read_video(samples[0]).shape == (13, 2 * 16 + 2, 16, 3)  # teacher above student
 
-  cfg.data.height = cfg.data.width = 6
+  cfg.data.vae = ""
+  with pytest.raises(FileNotFoundError, match="/elsewhere/wan_vae.*config.data.vae"):
+    train.Trainer(cfg, tmp_path / "no_vae")
+  cfg.data.vae, cfg.data.height, cfg.data.width = str(small_vae), 6, 6
   with pytest.raises(ValueError, match="build_teacher_store"):
     train.Trainer(cfg, tmp_path / "mismatch")

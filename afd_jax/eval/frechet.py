@@ -29,6 +29,10 @@ FEATURE_SEED = 20260
 # (output channels, temporal stride, spatial stride) of each 3x3x3 convolution.
 LAYERS = ((32, 1, 2), (64, 2, 2), (64, 2, 2))
 FEATURE_DIM = sum(c for c, _, _ in LAYERS)
+# Larger frames are average-pooled by the smallest integer factor that brings their longer side to
+# at most this (480x832 Wan videos: 7x, to 68x118), which keeps features of full-size videos
+# within memory; the demo's small videos pass unchanged.
+MAX_SIDE = 128
 
 
 def _network() -> list[np.ndarray]:
@@ -56,14 +60,20 @@ def _conv(x: np.ndarray, w: np.ndarray, t_stride: int, s_stride: int) -> np.ndar
 
 
 def features(videos, batch: int = 16) -> np.ndarray:
-  """uint8 ``[N, T, H, W, 3]`` (T, H, W >= 3) -> float64 ``[N, FEATURE_DIM]``."""
+  """uint8 ``[N, T, H, W, 3]`` (T, H, W >= 3) -> float64 ``[N, FEATURE_DIM]`` (frames larger
+  than ``MAX_SIDE`` average-pooled first)."""
   videos = tracking.check_videos(videos)
   if min(videos.shape[1:4]) < 3:
     raise ValueError(f"videos {videos.shape} are too small for the feature network: need at "
                      "least 3 frames of 3x3 pixels.")
+  factor = -(-max(videos.shape[2:4]) // MAX_SIDE)
   out = []
   for start in range(0, len(videos), batch):
     x = videos[start:start + batch].astype(np.float64) / 255.0
+    if factor > 1:
+      n, t, h, w, c = x.shape
+      h, w = h // factor * factor, w // factor * factor
+      x = x[:, :, :h, :w].reshape(n, t, h // factor, factor, w // factor, factor, c).mean((3, 5))
     x = np.concatenate([x, np.diff(x, axis=1, prepend=x[:, :1])], -1)
     pooled = []
     for w, (_, t_stride, s_stride) in zip(_WEIGHTS, LAYERS):

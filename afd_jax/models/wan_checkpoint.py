@@ -80,15 +80,17 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
   return out
 
 
-def read_torch(path, pt_key: str | None = None) -> dict[str, np.ndarray]:
-  """Reads a Self-Forcing / CausVid style ``.pt`` (needs torch) into numpy arrays."""
+def read_torch(path, pt_key: str | None = None,
+               convert: str = "python -m afd_jax.tools.convert_wan SRC DST") -> dict[str, np.ndarray]:
+  """Reads a torch pickle of tensors (a Self-Forcing / CausVid ``.pt``, ``Wan2.1_VAE.pth``; needs
+  torch) into numpy arrays; ``convert`` is the command the missing-torch error suggests."""
   try:
     import torch
   except ImportError as e:
     raise ImportError(
         f"{path} is a PyTorch checkpoint and reading it needs torch, which is not installed. "
         "Install it with `pip install 'afd_jax[torch]'`, or convert the file once on a machine "
-        "with torch: `python -m afd_jax.tools.convert_wan SRC DST`.") from e
+        f"with torch: `{convert}`.") from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
   except Exception as e:  # torch raises many types for damaged pickles
@@ -316,7 +318,7 @@ def config_from_shapes(sd: dict[str, np.ndarray], num_heads: int | None) -> dict
 _RUNTIME = set(wan.WanConfig.RUNTIME_FIELDS)
 
 
-def _safetensor_files(directory: Path) -> list[Path]:
+def safetensor_files(directory: Path) -> list[Path]:
   for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
     index = directory / index_name
     if index.exists():
@@ -340,7 +342,7 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
       path = path / "transformer"
     if (path / "config.json").exists():
       cfg_json = json.loads((path / "config.json").read_text())
-    files = _safetensor_files(path)
+    files = safetensor_files(path)
     if not files:
       raise CheckpointError(
           f"unknown checkpoint layout in {path}: no *.safetensors, {CONVERTED_MARKER} or .pt found. "
@@ -408,40 +410,59 @@ def _merge(cfg: wan.WanConfig, pure: dict, shardings=None) -> wan.WanModel:
 # The converted (Orbax) format.
 
 
-def save_converted(model: wan.WanModel, dst, source: str = "") -> Path:
-  """Writes ``model`` as ``dst/params`` (Orbax) plus ``dst/afd_wan.json`` (written last, so a
+def write_orbax(pure: dict, dst, marker: str, meta: dict) -> Path:
+  """Writes ``pure`` as ``dst/params`` (Orbax) plus the JSON ``dst/marker`` (written last, so a
   folder without it is an interrupted conversion)."""
   import orbax.checkpoint as ocp
 
   dst = Path(dst).absolute()
-  if (dst / CONVERTED_MARKER).exists() or (dst / "params").exists():
+  if (dst / marker).exists() or (dst / "params").exists():
     raise FileExistsError(f"{dst} already holds a converted checkpoint; choose another destination.")
   dst.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(dst / "params", nnx.to_pure_dict(nnx.state(model)))
+    ckptr.save(dst / "params", pure)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:  # multi-host: every host saved its shards above, one writes this
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
-            "config": model.config.architecture()}
-    tmp = dst / (CONVERTED_MARKER + ".tmp")
+    tmp = dst / (marker + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, dst / CONVERTED_MARKER)
+    os.replace(tmp, dst / marker)
   return dst
 
 
-def _converted_meta(path: Path) -> dict:
-  meta = json.loads((path / CONVERTED_MARKER).read_text())
-  if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-    raise CheckpointError(f"{path / CONVERTED_MARKER} is format {meta.get('format')!r} v"
-                          f"{meta.get('version')}; this afd_jax reads {FORMAT_NAME} v{FORMAT_VERSION}.")
+def read_marker(path: Path, marker: str, format_name: str, version: int) -> dict:
+  """The JSON beside a converted ``params/`` tree, checked for format and completeness."""
+  meta = json.loads((path / marker).read_text())
+  if meta.get("format") != format_name or meta.get("version") != version:
+    raise CheckpointError(f"{path / marker} is format {meta.get('format')!r} v"
+                          f"{meta.get('version')}; this afd_jax reads {format_name} v{version}.")
   if not (path / "params").exists():
-    raise CheckpointError(f"{path} has {CONVERTED_MARKER} but no params/ folder; convert again.")
+    raise CheckpointError(f"{path} has {marker} but no params/ folder; convert again.")
   return meta
 
 
-def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
+def read_orbax(path: Path, target):
+  """Restores ``path/params`` into ``target`` (a tree of ShapeDtypeStructs, with shardings or not)."""
   import orbax.checkpoint as ocp
 
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      return ckptr.restore(path / "params", target)
+    except Exception as e:  # orbax raises a variety of errors for damaged trees
+      raise CheckpointError(f"could not restore {path / 'params'}: {e}") from e
+
+
+def save_converted(model: wan.WanModel, dst, source: str = "") -> Path:
+  """Writes ``model`` as ``dst/params`` (Orbax) plus ``dst/afd_wan.json``."""
+  meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
+          "config": model.config.architecture()}
+  return write_orbax(nnx.to_pure_dict(nnx.state(model)), dst, CONVERTED_MARKER, meta)
+
+
+def _converted_meta(path: Path) -> dict:
+  return read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
+
+
+def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
   path = Path(path).absolute()
   cfg = wan.WanConfig(**_converted_meta(path)["config"], **runtime)
   graphdef, state = nnx.split(wan.abstract(cfg))
@@ -451,10 +472,5 @@ def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
                           nnx.to_pure_dict(state), shardings(state))
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
-  with ocp.StandardCheckpointer() as ckptr:
-    try:
-      pure = ckptr.restore(path / "params", target)
-    except Exception as e:  # orbax raises a variety of errors for damaged trees
-      raise CheckpointError(f"could not restore {path / 'params'}: {e}") from e
-  nnx.replace_by_pure_dict(state, pure)
+  nnx.replace_by_pure_dict(state, read_orbax(path, target))
   return nnx.merge(graphdef, state)

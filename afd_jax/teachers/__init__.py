@@ -106,13 +106,14 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
     store.check(latent_shape=(d.num_frames, d.height, d.width, student_cfg.in_dim),
                 text_shape=(d.text_length, text_dim))
     pool = data_lib.PromptPool(store.embeddings, store.prompts, num_eval=d.num_eval_prompts)
-    encoder = store.encoder()
+    wan_vae = store.encoder_spec.get("name") == "wan_vae"
+    encoder = store.encoder(**({"vae": d.vae} if wan_vae and d.vae else {}))
     reference = lambda ids, seed: np.stack([encoder.decode(x) for x in store.latents(ids, seed)])
     return TeacherData(pool, _StoreSource(store, config.seed), tuple(store.latent_shape), encoder,
                        reference)
 
   from afd_jax.teachers import physics
-  encoder = encoders_lib.make(d.encoder, patch=d.encoder_patch)
+  encoder = encoders_lib.from_config(d)
   text = physics.TextEncoder(dim=text_dim, length=d.text_length)
   world = None
   if d.teacher == "physics":

@@ -330,9 +330,10 @@ class TeacherStore:
   def __len__(self) -> int:
     return len(self.prompts)
 
-  def encoder(self) -> encoders_lib.LatentEncoder:
-    """The encoder the latents were made with (its ``decode`` shows them as videos)."""
-    return encoders_lib.make(**self.encoder_spec)
+  def encoder(self, **overrides) -> encoders_lib.LatentEncoder:
+    """The encoder the latents were made with (its ``decode`` shows them as videos);
+    ``overrides`` replace recorded arguments, e.g. ``vae=`` where the VAE lives on this machine."""
+    return encoders_lib.make(**{**self.encoder_spec, **overrides})
 
   def check(self, latent_shape, text_shape):
     """Refuses a store whose shapes do not fit the run, naming both sides and the fix."""

@@ -1,8 +1,8 @@
 """Build a teacher store from videos a teacher already made (any model, any machine).
 
     python -m afd_jax.tools.build_teacher_store --prompts prompts.jsonl --videos DIR --out STORE
-        [--text_embeddings tiny|DIR] [--encoder pixels --patch 4]
-        [--num_frames T --height H --width W] [--fps FPS] [--overwrite]
+        [--text_embeddings tiny|DIR] [--encoder pixels --patch 4 | --encoder wan_vae --vae PATH]
+        [--num_frames T --height H --width W] [--fit crop|stretch|exact] [--fps FPS] [--overwrite]
 
 ``prompts.jsonl`` holds one JSON object per line: ``prompt`` (required), ``id`` (default: the line
 number, from 0), ``videos`` (paths relative to ``--videos``; default: every ``DIR/<id>.<ext>``,
@@ -11,9 +11,14 @@ one sample of the prompt) and ``embedding`` (a ``.npy`` ``[L, D]``, relative to 
 default ``--text_embeddings DIR/<id>.npy``). ``--text_embeddings tiny`` (the default) embeds the
 prompts with the built-in tiny text encoder instead (``--text_dim``, ``--text_length``).
 
-Videos must all have one shape, from the flags or, for the ones not given, from the first readable
-video. A missing, unreadable or wrongly shaped video, and a prompt without any usable video or
-with a bad embedding, is skipped, and listed with the reason in the printed summary and in
+Videos end up with one shape, from the flags or, for the ones not given, from the first readable
+video: ``--fit crop`` (the default) keeps a video's first ``T`` frames and resizes it to cover
+``H x W``, centre-cropping the rest; ``stretch`` resizes without keeping the aspect; ``exact``
+takes only videos of exactly that shape. ``--encoder wan_vae`` encodes with the Wan2.1 VAE
+(``T = 4k + 1``, ``H`` and ``W`` multiples of 8, e.g. 81 x 480 x 832 -> 21 x 60 x 104 x 16);
+the fit, the shape and the VAE are recorded in the store's metadata. A missing, unreadable or
+too short video (or one of another shape, under ``exact``), and a prompt without any usable video
+or with a bad embedding, is skipped, and listed with the reason in the printed summary and in
 ``STORE/report.json``; kept prompts get contiguous prompt ids 0..N-1 (``report.json`` maps them
 back to the prompts file's ids). Nothing usable at all exits non-zero.
 """
@@ -47,6 +52,15 @@ _TEXT_DIM = flags.DEFINE_integer("text_dim", 32, "Tiny text encoder width.")
 _TEXT_LENGTH = flags.DEFINE_integer("text_length", 16, "Tiny text encoder length (tokens).")
 _ENCODER = flags.DEFINE_string("encoder", "pixels", f"Latent encoder {sorted(encoders.ENCODERS)}.")
 _PATCH = flags.DEFINE_integer("patch", 4, "Pixel encoder patch size.")
+_VAE = flags.DEFINE_string("vae", None, "wan_vae: the VAE checkpoint (Wan2.1_VAE.pth, a diffusers "
+                           "vae/ folder, or a convert_wan_vae folder).")
+_VAE_CHUNK = flags.DEFINE_integer("vae_chunk", 1, "wan_vae: latent frames encoded at a time "
+                                  "(0: whole videos; more memory).")
+_VAE_TILE = flags.DEFINE_integer("vae_tile", 0, "wan_vae: spatial tiles of this many pixels for "
+                                 "large frames (0: whole frames).")
+_FIT = flags.DEFINE_enum("fit", "crop", list(video.FITS), "How videos of another shape are made to fit: "
+                         "first T frames, resized to cover and centre-cropped (crop) or resized "
+                         "(stretch); exact skips them.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Expected frames per video.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Expected video height.")
 _WIDTH = flags.DEFINE_integer("width", None, "Expected video width.")
@@ -121,9 +135,12 @@ class Builder:
   """Turns prompts into store records, recording every skip with its reason."""
 
   def __init__(self, entries: list[Entry], root: Path, index: dict[str, list[Path]], encoder,
-               text_encoder, text_dir, expected: tuple[int, int, int, int] | None):
+               text_encoder, text_dir, expected: tuple[int, int, int, int] | None,
+               fit: str = "crop"):
     self.entries, self.root, self.index, self.encoder = entries, root, index, encoder
     self.text_encoder, self.text_dir, self.expected = text_encoder, text_dir, expected
+    self.fit = fit
+    self.fitted: dict[str, list[int]] = {}  # path -> original shape, for videos fit changed
     self.text_shape: tuple[int, ...] | None = None
     self.num_prompts = 0
     self.skipped: list[dict] = []
@@ -161,11 +178,14 @@ class Builder:
     except video.VideoError as e:
       self.skip(entry, path, str(e))
       return None
-    if frames.shape != self.expected:
-      self.skip(entry, path, f"video shape [T, H, W, 3] = {list(frames.shape)}, expected "
-                             f"{list(self.expected)} (--num_frames/--height/--width)")
+    try:
+      fitted = video.fit(frames, *self.expected[:3], self.fit)
+    except video.VideoError as e:
+      self.skip(entry, path, f"{e}; see --num_frames/--height/--width and --fit")
       return None
-    return frames
+    if fitted.shape != frames.shape:
+      self.fitted[str(path)] = list(frames.shape)
+    return fitted
 
   def records(self) -> Iterator[store_lib.Record]:
     for entry in self.entries:
@@ -195,7 +215,7 @@ class Builder:
 
   def report(self) -> dict:
     return {"written": len(self.written), "prompts": self.num_prompts, "skipped": self.skipped,
-            "samples": self.written}
+            "samples": [{**s, "fitted_from": self.fitted.get(s["path"])} for s in self.written]}
 
 
 def first_video(entries: list[Entry], root: Path,
@@ -232,8 +252,11 @@ def main(argv):
   try:
     store_lib.ensure_writable(out, _OVERWRITE.value)
     entries = load_prompts(prompts)
-    encoder = encoders.make(_ENCODER.value, patch=_PATCH.value)
-  except ValueError as e:
+    if _ENCODER.value == "wan_vae":
+      encoder = encoders.WanVAEEncoder(_VAE.value, chunk=_VAE_CHUNK.value, tile=_VAE_TILE.value)
+    else:
+      encoder = encoders.make(_ENCODER.value, patch=_PATCH.value)
+  except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   index = index_videos(root)
   first = first_video(entries, root, index)
@@ -244,19 +267,21 @@ def main(argv):
     try:
       latent_shape = encoder.latent_shape(shape)
     except ValueError as e:
-      sys.exit(f"error: {e} Set --height/--width (or --patch) to fit.")
+      sys.exit(f"error: {e} Set --num_frames/--height/--width (or --patch) to fit.")
   builder = Builder(entries, root, index, encoder,
                     physics.TextEncoder(_TEXT_DIM.value, _TEXT_LENGTH.value) if tiny else None,
-                    None if tiny else Path(_TEXT.value), shape)
+                    None if tiny else Path(_TEXT.value), shape, _FIT.value)
   text_source = (f"tiny (dim {_TEXT_DIM.value}, length {_TEXT_LENGTH.value})" if tiny
                  else str(Path(_TEXT.value).resolve()))
   t0 = time.perf_counter()
   try:
     store_lib.build_store(
-        builder.records(), out, encoder={"name": encoder.name, "patch": _PATCH.value},
+        builder.records(), out, encoder=encoder.spec,
         fps=_FPS.value or (first[1] if first else None),
         metadata={"video_shape": shape and list(shape), "text_encoder": text_source,
-                  "prompts_file": str(prompts.resolve())},
+                  "prompts_file": str(prompts.resolve()),
+                  "preprocess": {"fit": _FIT.value, "how": video.FITS[_FIT.value],
+                                 "pixels": "uint8 / 127.5 - 1, in [-1, 1]"}},
         name=_NAME.value, overwrite=_OVERWRITE.value, extra_json={"report.json": builder.report})
   except store_lib.StoreError as e:
     print(summary(builder, None))
