@@ -88,7 +88,6 @@ class WanVAEEncoder:
   """
 
   name = "wan_vae"
-  spatial_stride = 8
 
   def __init__(self, vae: str, chunk: int = 1, tile: int = 0, tile_stride: int = 0,
                dtype: str = "float32"):
@@ -150,8 +149,17 @@ def make(name: str, **kwargs) -> LatentEncoder:
   return ENCODERS[name](**kwargs)
 
 
-def from_config(data) -> LatentEncoder:
-  """The encoder ``config.data`` names (``encoder``, ``encoder_patch``, ``vae*``)."""
-  if data.encoder == "wan_vae":
-    return WanVAEEncoder(data.vae, chunk=data.vae_chunk, tile=data.vae_tile)
-  return make(data.encoder, patch=data.encoder_patch)
+def from_options(name: str, *, patch: int = 4, vae: str | None = None, vae_chunk: int = 1,
+                 vae_tile: int = 0) -> LatentEncoder:
+  """Encoder ``name`` from the options of every encoder (config fields, CLI flags): each takes
+  its own."""
+  if name == "wan_vae":
+    return WanVAEEncoder(vae, chunk=vae_chunk, tile=vae_tile)
+  return make(name, patch=patch)
+
+
+def from_config(data, name: str | None = None) -> LatentEncoder:
+  """The encoder ``config.data`` names (or ``name``), with its options (``encoder_patch``,
+  ``vae``, ``vae_chunk``, ``vae_tile``)."""
+  return from_options(name or data.encoder, patch=data.encoder_patch, vae=data.vae,
+                      vae_chunk=data.vae_chunk, vae_tile=data.vae_tile)

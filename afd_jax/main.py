@@ -88,10 +88,10 @@ def run_rollout(config, workdir: Path) -> dict:
   samples = workdir / "samples"
   if config.data.vae:  # real Wan latents: decode them and write what people watch
     from afd_jax import encoders
-    vae = encoders.WanVAEEncoder(config.data.vae, chunk=config.data.vae_chunk,
-                                 tile=config.data.vae_tile)
-    sample_path = [video.write_mp4(vae.decode(v), samples / f"rollout_{i}.mp4",
-                                   fps=config.output.fps) for i, v in enumerate(lat)][0]
+    vae = encoders.from_config(config.data, name="wan_vae")
+    for i, v in enumerate(lat):
+      video.write_mp4(vae.decode(v), samples / f"rollout_{i}.mp4", fps=config.output.fps)
+    sample_path = samples / "rollout_0.mp4"
   else:
     frames = np.stack([video.latents_to_frames(v, upscale=config.output.upscale) for v in lat])
     sample_path = video.write_gif(video.tile(frames), samples / "rollout.gif",

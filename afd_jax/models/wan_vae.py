@@ -495,7 +495,7 @@ def _blend(a, b, extent: int, axis: int):
   return jnp.concatenate([tail * (1 - w) + head * w, rest], axis=axis)
 
 
-def _tiled(fn, x, tile_in: int, stride_in: int, scale: float, out_hw):
+def _tiled(fn, x, tile_in: int, stride_in: int, scale: float):
   """Runs ``fn`` on overlapping spatial tiles of ``x [B, T, H, W, C]`` (tiles of ``tile_in`` every
   ``stride_in`` input pixels; ``fn`` scales space by ``scale``), blends each tile into its upper
   and left neighbours in raster order and stitches the ``stride`` cores together."""
@@ -515,7 +515,23 @@ def _tiled(fn, x, tile_in: int, stride_in: int, scale: float, out_hw):
     rows.append(row)
   out = jnp.concatenate([jnp.concatenate([t[:, :, :core, :core] for t in row], axis=3)
                          for row in rows], axis=2)
-  return out[:, :, :out_hw[0], :out_hw[1]]
+  return out[:, :, :round(h * scale), :round(w * scale)]
+
+
+def _apply(vae: WanVAE, program, x, chunk: int, tiling: Tiling | None, decoding: bool):
+  """The jitted ``program`` (``_moments`` or ``_pixels``) over the split ``vae`` on ``x``, in
+  overlapping spatial tiles when ``tiling`` asks for them (its sizes are in pixels; ``x`` holds
+  pixels, or latents when ``decoding``)."""
+  if chunk < 0:
+    raise ValueError(f"chunk={chunk} must be >= 0 latent frames (0: the whole video at once).")
+  graphdef, state = nnx.split(vae)
+  fn = lambda y: program(graphdef, state, y, chunk)
+  s = vae.config.spatial_stride
+  per = s if decoding else 1  # pixels per element of x
+  if tiling is None or max(x.shape[2:4]) * per <= tiling.size:
+    return fn(x)
+  tiling.check(s)
+  return _tiled(fn, x, tiling.size // per, tiling.stride // per, s if decoding else 1 / s)
 
 
 def _check_rank(x, what: str, channels: int):
@@ -526,20 +542,9 @@ def _check_rank(x, what: str, channels: int):
 
 def encode_moments(vae: WanVAE, video, *, chunk: int = 1, tiling: Tiling | None = None):
   """Pixels ``[B, T, H, W, 3]`` in [-1, 1] -> unnormalised posterior ``[B, F, h, w, 2 z]``."""
-  cfg = vae.config
   _check_rank(video, "video", 3)
-  cfg.latent_shape(*video.shape[1:4])
-  if chunk < 0:
-    raise ValueError(f"chunk={chunk} must be >= 0 latent frames (0: the whole video at once).")
-  graphdef, state = nnx.split(vae)
-  video = jnp.asarray(video, jnp.float32)
-  fn = lambda x: _moments(graphdef, state, x, chunk)
-  h, w = video.shape[2:4]
-  if tiling is None or (h <= tiling.size and w <= tiling.size):
-    return fn(video)
-  tiling.check(cfg.spatial_stride)
-  s = cfg.spatial_stride
-  return _tiled(fn, video, tiling.size, tiling.stride, 1 / s, (h // s, w // s))
+  vae.config.latent_shape(*video.shape[1:4])
+  return _apply(vae, _moments, jnp.asarray(video, jnp.float32), chunk, tiling, decoding=False)
 
 
 def encode(vae: WanVAE, video, *, key: jax.Array | None = None, chunk: int = 1,
@@ -560,20 +565,9 @@ def decode(vae: WanVAE, latents, *, chunk: int = 1, tiling: Tiling | None = None
   [-1, 1] (clamped)."""
   cfg = vae.config
   _check_rank(latents, "latents", cfg.z_dim)
-  if chunk < 0:
-    raise ValueError(f"chunk={chunk} must be >= 0 latent frames (0: the whole video at once).")
-  latents = jnp.asarray(latents, jnp.float32)
-  mu = latents * jnp.asarray(cfg.latents_std) + jnp.asarray(cfg.latents_mean)
-  graphdef, state = nnx.split(vae)
-  fn = lambda z: _pixels(graphdef, state, z, chunk)
-  h, w = mu.shape[2:4]
-  s = cfg.spatial_stride
-  if tiling is None or (h * s <= tiling.size and w * s <= tiling.size):
-    out = fn(mu)
-  else:
-    tiling.check(s)
-    out = _tiled(fn, mu, tiling.size // s, tiling.stride // s, s, (h * s, w * s))
-  return jnp.clip(out, -1.0, 1.0)
+  mu = jnp.asarray(latents, jnp.float32) * jnp.asarray(cfg.latents_std) + jnp.asarray(
+      cfg.latents_mean)
+  return jnp.clip(_apply(vae, _pixels, mu, chunk, tiling, decoding=True), -1.0, 1.0)
 
 
 def to_pixels(frames) -> np.ndarray:

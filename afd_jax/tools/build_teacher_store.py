@@ -252,10 +252,8 @@ def main(argv):
   try:
     store_lib.ensure_writable(out, _OVERWRITE.value)
     entries = load_prompts(prompts)
-    if _ENCODER.value == "wan_vae":
-      encoder = encoders.WanVAEEncoder(_VAE.value, chunk=_VAE_CHUNK.value, tile=_VAE_TILE.value)
-    else:
-      encoder = encoders.make(_ENCODER.value, patch=_PATCH.value)
+    encoder = encoders.from_options(_ENCODER.value, patch=_PATCH.value, vae=_VAE.value,
+                                    vae_chunk=_VAE_CHUNK.value, vae_tile=_VAE_TILE.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   index = index_videos(root)
