@@ -84,12 +84,18 @@ def host_slice(global_ids: np.ndarray, process_index: int | None = None,
   return global_ids[index * per:(index + 1) * per]
 
 
-def teacher_sample(seed: int, step: int, prompt_id: int, samples_per_prompt: int) -> int:
-  """Which teacher sample of ``prompt_id`` step ``step`` uses: one of ``samples_per_prompt``
-  (a fixed budget), or a new one every step when it is 0."""
+DRAW_STRIDE = 10**9  # unbounded budgets: draw k of step s is teacher video s + k * DRAW_STRIDE
+
+
+def teacher_sample(seed: int, step: int, prompt_id: int, samples_per_prompt: int,
+                   draw: int = 0) -> int:
+  """Which teacher sample of ``prompt_id`` step ``step`` uses for its ``draw``-th rollout of the
+  prompt (K rollouts per prompt: draws 0..K-1, each paired with its own pick): one of
+  ``samples_per_prompt`` (a fixed budget), or a new one every step and draw when it is 0."""
   if samples_per_prompt <= 0:
-    return int(step)
-  return int(np.random.default_rng([seed, step, prompt_id]).integers(samples_per_prompt))
+    return int(step) + DRAW_STRIDE * int(draw)
+  key = [seed, step, prompt_id] + ([draw] if draw else [])
+  return int(np.random.default_rng(key).integers(samples_per_prompt))
 
 
 class EncodedTeacher:
@@ -106,8 +112,8 @@ class EncodedTeacher:
     """uint8 ``[B, T, H, W, 3]`` teacher videos of one sample index."""
     return np.asarray(self.teacher([self.prompts[i] for i in ids], sample))
 
-  def latents(self, ids, step: int) -> np.ndarray:
-    keys = [(int(i), teacher_sample(self.seed, step, int(i), self.samples_per_prompt))
+  def latents(self, ids, step: int, draw: int = 0) -> np.ndarray:
+    keys = [(int(i), teacher_sample(self.seed, step, int(i), self.samples_per_prompt, draw))
             for i in ids]
     missing = sorted({k for k in keys if k not in self._cache}, key=lambda k: (k[1], k[0]))
     for sample in sorted({s for _, s in missing}):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from afd_jax import flow
 
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
+DISC_LOSSES = ("bt", "gan")
 WEIGHT_FLOOR = 1e-5
 STD_EPS = 1e-4
 
@@ -32,6 +33,25 @@ STD_EPS = 1e-4
 def bt_loss(teacher_logits, student_logits):
   """``mean(-log sigmoid(D(x_T) - D(x_S)))`` over prompt pairs (the relativistic / BT loss)."""
   return jnp.mean(jax.nn.softplus(-(teacher_logits - student_logits)))
+
+
+def unpaired_gan_loss(teacher_logits, student_logits):
+  """The plain (non-saturating) GAN discriminator loss, ``softplus(-D(x_T)) + softplus(D(x_S))``:
+  each sample judged on its own, not against its prompt's pair (the BT ablation)."""
+  return jnp.mean(jax.nn.softplus(-teacher_logits)) + jnp.mean(jax.nn.softplus(student_logits))
+
+
+def disc_loss(kind: str, teacher_logits, student_logits):
+  """``kind`` in ``DISC_LOSSES``."""
+  if kind == "gan":
+    return unpaired_gan_loss(teacher_logits, student_logits)
+  return bt_loss(teacher_logits, student_logits)
+
+
+def relativistic_generator_loss(teacher_logits, student_logits):
+  """The generator's side of the relativistic pair loss, ``mean(softplus(D(x_T) - D(x_S)))``:
+  direct adversarial imitation (Self-Forcing's GAN variant)."""
+  return jnp.mean(jax.nn.softplus(teacher_logits - student_logits))
 
 
 def bt_accuracy(teacher_logits, student_logits):
@@ -50,12 +70,14 @@ def finite_difference_penalty(logits, perturbed_logits, sigma: float):
 
 
 def paired_scores(teacher_logits, student_logits, group_size: int = 1):
-  """``s = D(x_S, c) - D(x_T, c)``. With ``group_size`` K > 1 student samples per prompt, student
-  logits are laid out prompt-major ``[P * K]`` and each is paired with its prompt's teacher."""
+  """``s = D(x_S, c) - D(x_T, c)``, one per rollout. With ``group_size`` K > 1 rollouts per prompt
+  both are laid out prompt-major ``[P * K]`` (rollout k paired with the prompt's k-th teacher
+  draw), and every rollout is measured against the mean teacher logit of its prompt: one
+  baseline per prompt, which per-prompt centring then removes exactly."""
   if group_size == 1:
     return student_logits - teacher_logits
-  teacher = jnp.repeat(teacher_logits, group_size, axis=0)
-  return student_logits - teacher
+  teacher = jnp.mean(teacher_logits.reshape(-1, group_size), axis=1)
+  return student_logits - jnp.repeat(teacher, group_size, axis=0)
 
 
 def normalize_advantages(scores, group_size: int = 1):

@@ -97,12 +97,15 @@ def plan_cache(num_frames: int, cfg: RolloutConfig) -> CachePlan:
 
 
 def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = RolloutConfig(),
-            return_intermediates: bool = False):
+            return_intermediates: bool = False, exit_step=None):
   """Samples clean latents ``[B, F, H, W, C]`` chunk by chunk from initial ``noise`` of that shape.
 
   ``key`` draws the fresh noise between steps. With ``return_intermediates`` also returns
   ``{"inputs", "velocities"}`` of shape ``[S, B, F, H, W, C]``: the model input and prediction at
-  every denoising step (chunk b's entries at frames of chunk b).
+  every denoising step (chunk b's entries at frames of chunk b). ``exit_step`` (an index, may be
+  traced) ends every chunk at that step's clean estimate instead of the last one, and later
+  chunks see that estimate as history: Self-Forcing's training rollout, whose exit step is the
+  only one a generator loss backpropagates through (``steps.exit_estimate``).
   """
   mcfg = model.config
   b, num_frames, h, w, _ = noise.shape
@@ -137,7 +140,7 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
     keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
     _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f], (ts, sigmas, next_sigmas, keys),
                                    unroll=cfg.unroll_steps)
-    clean = x0s[-1]
+    clean = x0s[-1] if exit_step is None else jnp.take(x0s, exit_step, axis=0)
     outputs.append(clean)
     inputs.append(xs)
     velocities.append(vs)
@@ -153,20 +156,30 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
 
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
-                 return_intermediates: bool = False, out_shardings=None, micro_batches: int = 1):
+                 return_intermediates: bool = False, out_shardings=None, micro_batches: int = 1,
+                 exit_inputs: bool = False):
   """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state;
   ``micro_batches`` > 1 samples the batch in that many slices, one after the other (bounded
-  memory, as in the training steps)."""
+  memory, as in the training steps). ``exit_inputs``: ``(params, noise, context, key, exit_step)
+  -> (latents, inputs)``, the training rollout ending each chunk at ``exit_step`` and the model
+  inputs of that step (what a generator loss recomputes with gradient)."""
   if micro_batches > 1 and return_intermediates:
     raise ValueError("return_intermediates needs micro_batches=1.")
 
-  def fn(params, noise, context, key):
+  def one(model, noise, context, key, exit_step):
+    if not exit_inputs:
+      return rollout(model, noise, context, key, cfg, return_intermediates)
+    x, inter = rollout(model, noise, context, key, cfg, True, exit_step=exit_step)
+    return x, jnp.take(inter["inputs"], exit_step, axis=0)
+
+  def fn(params, noise, context, key, exit_step=None):
     model = nnx.merge(graphdef, params)
     if micro_batches == 1:
-      return rollout(model, noise, context, key, cfg, return_intermediates)
+      return one(model, noise, context, key, exit_step)
     micro = (steps.split_micro(noise, micro_batches), steps.split_micro(context, micro_batches),
              jax.random.split(key, micro_batches))
-    return steps.merge_micro(jax.lax.map(lambda a: rollout(model, *a, cfg), micro))
+    return jax.tree.map(steps.merge_micro,
+                        jax.lax.map(lambda a: one(model, *a, exit_step), micro))
 
   return jax.jit(fn, out_shardings=out_shardings)
 

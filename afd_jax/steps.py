@@ -42,6 +42,7 @@ class AFDConfig:
   group_size: int = 1
   reg_weight: float = 1e-4
   disc_tau_max: float = 0.1
+  disc_tau_min: float = 0.0        # > 0: the discriminator never sees a clean video
   r1_weight: float = 0.0
   r2_weight: float = 0.0
   penalty_sigma: float = 0.01
@@ -50,6 +51,8 @@ class AFDConfig:
   old_decay_type: int = 1
   negative_branch: bool = True     # False: reward-weighted flow matching (positive branch only)
   micro_batches: int = 1           # gradients accumulated over this many slices of the batch
+  disc_loss: str = "bt"            # "bt": prompt-paired Bradley-Terry; "gan": unpaired logistic
+  dmd_sigma: tuple[float, float] = (0.02, 0.98)  # DMD: noise levels of the score comparison
 
   def __post_init__(self):
     if self.nft_levels not in ("rollout", "continuous"):
@@ -60,6 +63,11 @@ class AFDConfig:
       raise ValueError(f"old_decay_type {self.old_decay_type} not in {sorted(DECAY_PRESETS)}.")
     if not self.beta > 0 or not self.a_max > 0:
       raise ValueError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
+    if self.disc_loss not in losses.DISC_LOSSES:
+      raise ValueError(f"disc_loss {self.disc_loss!r} not in {losses.DISC_LOSSES}.")
+    if not 0.0 <= self.disc_tau_min <= self.disc_tau_max <= 1.0:
+      raise ValueError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
+                       f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
     if self.micro_batches < 1:
       raise ValueError(f"micro_batches={self.micro_batches} must be >= 1.")
     if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
@@ -67,17 +75,21 @@ class AFDConfig:
                        "rollout levels; lower it or use nft_levels='continuous'.")
 
 
-def lr_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
-  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant."""
+def lr_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0) -> optax.Schedule:
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant, or, with
+  ``decay_steps`` > 0, a cosine decay to 0 at step ``decay_steps`` (pretraining)."""
+  if decay_steps:
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
   return (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
           else optax.constant_schedule(lr))
 
 
-def adamw(lr, *, b1=0.0, b2=0.999, weight_decay=0.01, eps=1e-8, grad_clip=10.0, warmup_steps=0):
+def adamw(lr, *, b1=0.0, b2=0.999, weight_decay=0.01, eps=1e-8, grad_clip=10.0, warmup_steps=0,
+          decay_steps=0):
   """Global-norm clipping, then AdamW with a linear warm-up (Self-Forcing's full fine-tune)."""
   return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(lr_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps,
-                                 weight_decay=weight_decay))
+                     optax.adamw(lr_schedule(lr, warmup_steps, decay_steps), b1=b1, b2=b2,
+                                 eps=eps, weight_decay=weight_decay))
 
 
 def noise_levels(cfg: AFDConfig, key, batch: int, frames: int, passes: int):
@@ -151,8 +163,9 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     ctx = jnp.concatenate([context, context])
     logits = logits_fn(params, x, t, ctx)
     teacher, student = logits[:b], logits[b:]
-    loss = losses.bt_loss(teacher, student)
-    parts = {"disc/bt_loss": loss}
+    bt = losses.bt_loss(teacher, student)
+    loss = losses.disc_loss(cfg.disc_loss, teacher, student)
+    parts = {"disc/bt_loss": bt}
     if cfg.r1_weight or cfg.r2_weight:
       perturbed = logits_fn(params, x + jnp.swapaxes(delta, 0, 1).reshape(x.shape), t, ctx)
       r1 = losses.finite_difference_penalty(teacher, perturbed[:b], cfg.penalty_sigma)
@@ -164,7 +177,7 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   def step(params, opt_state, x_teacher, x_student, context, key):
     b = x_teacher.shape[0]
     k_tau, k_eps, k_r = jax.random.split(key, 3)
-    tau = jax.random.uniform(k_tau, (b,), maxval=cfg.disc_tau_max)
+    tau = jax.random.uniform(k_tau, (b,), minval=cfg.disc_tau_min, maxval=cfg.disc_tau_max)
     eps = jax.random.normal(k_eps, x_teacher.shape, x_teacher.dtype)   # shared within a pair
     delta = (cfg.penalty_sigma * jnp.swapaxes(
         jax.random.normal(k_r, (2, *x_teacher.shape), x_teacher.dtype), 0, 1)   # [B, 2, ...]
@@ -194,12 +207,12 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
 
 
 def advantage(teacher_logits, student_logits, cfg: AFDConfig):
-  """Pre-update logits -> ``(r [B * K], metrics)``."""
+  """Pre-update logits -> ``(r, normalised advantage before clipping, metrics)``, each ``[B]``."""
   raw = losses.normalize_advantages(
       losses.paired_scores(teacher_logits, student_logits, cfg.group_size), cfg.group_size)
   adv = losses.shape_advantages(raw, cfg.a_max, cfg.adv_mode)
   r = losses.optimality_probability(adv, cfg.a_max)
-  return r, losses.advantage_stats(raw, adv, r, cfg.a_max)
+  return r, raw, losses.advantage_stats(raw, adv, r, cfg.a_max)
 
 
 def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
@@ -263,23 +276,131 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
   return step
 
 
-def _apply_update(student, grads, tx, cfg: AFDConfig, step_index):
-  """One optimizer step on ``student["params"]`` and the evaluation EMA (Self-Forcing: the EMA
-  starts as a copy at ``ema_start`` and decays by ``ema_decay`` after)."""
+def _apply_update(student, grads, tx, cfg: AFDConfig, step_index, prefix: str = "student"):
+  """One optimizer step on ``student["params"]`` and, when the state has one, the evaluation EMA
+  (Self-Forcing: the EMA starts as a copy at ``ema_start`` and decays by ``ema_decay`` after)."""
   updates, opt = tx.update(grads, student["opt"], student["params"])
   params = optax.apply_updates(student["params"], updates)
-  decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, student["ema"], params)
-  metrics = {"student/grad_norm": optax.tree.norm(grads),
-             "student/update_norm": optax.tree.norm(updates),
-             "student/param_norm": optax.tree.norm(params)}
-  return {"params": params, "opt": opt, "ema": ema}, metrics
+  out = {"params": params, "opt": opt}
+  if "ema" in student:
+    decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)
+    out["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, student["ema"], params)
+  metrics = {f"{prefix}/grad_norm": optax.tree.norm(grads),
+             f"{prefix}/update_norm": optax.tree.norm(updates),
+             f"{prefix}/param_norm": optax.tree.norm(params)}
+  return out, metrics
 
 
-def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
+def exit_sigma(cfg: AFDConfig, exit_step):
+  """The noise level of rollout step ``exit_step`` (may be traced)."""
+  levels = flow.timestep_to_sigma(jnp.asarray(cfg.rollout_timesteps, jnp.float32))
+  return jnp.take(levels, exit_step)
+
+
+def exit_estimate(graphdef, cfg: AFDConfig, params, inputs, exit_step, clean, context):
+  """The training rollout's output recomputed with gradient through its exit step only.
+
+  ``inputs`` are every chunk's model inputs at ``exit_step`` and ``clean`` the rollout's output
+  (both from ``rollout.make_rollout(exit_inputs=True)``, no gradient). Each chunk's clean estimate
+  ``x - sigma v(x)`` is evaluated against the clean history of earlier chunks, stop-gradient, as
+  the rollout's cache held it: Self-Forcing's generator backward, which never flows through the
+  cache or the earlier denoising steps."""
+  f = cfg.chunk_frames
+  model = nnx.merge(graphdef, params)
+  text = model.text_kv(context)
+  history = jax.lax.stop_gradient(model.context_kv(jax.lax.stop_gradient(clean), f, text))
+  sigma = jnp.full(inputs.shape[:2], exit_sigma(cfg, exit_step))
+  v = model.forward_with_context(jax.lax.stop_gradient(inputs),
+                                 sigma * flow.NUM_TRAIN_TIMESTEPS, history, f, text)
+  return flow.x0_from_velocity(jax.lax.stop_gradient(inputs), v, sigma)
+
+
+def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: AFDConfig):
+  """``(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step) ->
+  (student, metrics)``: direct adversarial imitation. The student's loss is the relativistic
+  score of its own rollout against its prompt's teacher video, ``softplus(D(x_T) - D(x_S))``,
+  backpropagated through the discriminator into the exit step of every chunk
+  (:func:`exit_estimate`). Both videos share the discriminator step's kind of noise
+  augmentation."""
+
+  def loss_fn(params, disc_params, micro, exit_step):
+    inputs, clean, x_teacher, context, tau, eps = micro
+    x0 = exit_estimate(graphdef, cfg, params, inputs, exit_step, clean, context)
+    disc = nnx.merge(disc_graph, disc_params)
+    t = tau * flow.NUM_TRAIN_TIMESTEPS
+    student = disc(flow.add_noise(x0, eps, tau), t, context)
+    teacher = jax.lax.stop_gradient(disc(flow.add_noise(x_teacher, eps, tau), t, context))
+    return losses.relativistic_generator_loss(teacher, student)
+
+  def step(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step_index):
+    k_tau, k_eps = jax.random.split(key)
+    tau = jax.random.uniform(k_tau, (clean.shape[0],), minval=cfg.disc_tau_min,
+                             maxval=cfg.disc_tau_max)
+    eps = jax.random.normal(k_eps, clean.shape, clean.dtype)
+    grads, loss = accumulate(
+        jax.value_and_grad(lambda p, m: loss_fn(p, disc_params, m, exit_step)), student["params"],
+        (inputs, clean, x_teacher, context, tau, eps), cfg.micro_batches)
+    student, metrics = _apply_update(student, grads, tx, cfg, step_index)
+    metrics["gan/generator_loss"] = jnp.mean(loss)
+    return student, metrics
+
+  return step
+
+
+def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
+  """``(student, fake_params, real_params, inputs, clean, context, exit_step, key, step) ->
+  (student, metrics)``: Self-Forcing's distribution matching distillation of a few-step student
+  from a score model (here: a plain flow-matching base, ``real_params``). The student's exit-step
+  output (:func:`exit_estimate`) is noised to a random level; the real and fake (critic) scores'
+  clean estimates there give the gradient ``(x_fake - x_real) / mean|x - x_real|`` of the reverse
+  KL, applied as ``0.5 (x - sg(x - grad))^2``. Scores see the student's clean video as history."""
+  f = cfg.chunk_frames
+
+  def estimate(params, x_t, sigma, clean, context):
+    model = nnx.merge(graphdef, params)
+    text = model.text_kv(context)
+    v = model.forward_with_context(x_t, sigma * flow.NUM_TRAIN_TIMESTEPS,
+                                   model.context_kv(clean, f, text), f, text)
+    return jax.lax.stop_gradient(flow.x0_from_velocity(x_t, v, sigma))
+
+  def loss_fn(params, fake_params, real_params, micro, exit_step):
+    inputs, clean, context, sigma, eps = micro
+    x0 = exit_estimate(graphdef, cfg, params, inputs, exit_step, clean, context)
+    sample = jax.lax.stop_gradient(x0)
+    x_t = flow.add_noise(sample, eps, sigma)
+    real = estimate(real_params, x_t, sigma, sample, context)
+    fake = estimate(fake_params, x_t, sigma, sample, context)
+    scale = jnp.maximum(jnp.mean(jnp.abs(sample - real), axis=(1, 2, 3, 4), keepdims=True), 1e-6)
+    grad = (fake - real) / scale
+    loss = 0.5 * jnp.mean(jnp.square(x0 - jax.lax.stop_gradient(x0 - grad)))
+    return loss, jnp.mean(jnp.abs(grad))
+
+  def step(student, fake_params, real_params, inputs, clean, context, exit_step, key,
+           step_index):
+    k_sig, k_eps = jax.random.split(key)
+    lo, hi = cfg.dmd_sigma
+    sigma = flow.shift_sigma(jax.random.uniform(k_sig, (clean.shape[0], 1), minval=lo, maxval=hi),
+                             cfg.shift)
+    sigma = jnp.broadcast_to(sigma, clean.shape[:2])           # one level per video
+    eps = jax.random.normal(k_eps, clean.shape, clean.dtype)
+    grads, (loss, grad_size) = accumulate(
+        jax.value_and_grad(lambda p, m: loss_fn(p, fake_params, real_params, m, exit_step),
+                           has_aux=True),
+        student["params"], (inputs, clean, context, sigma, eps), cfg.micro_batches)
+    student, metrics = _apply_update(student, grads, tx, cfg, step_index)
+    metrics.update({"dmd/loss": jnp.mean(loss), "dmd/gradient": jnp.mean(grad_size)})
+    return student, metrics
+
+  return step
+
+
+def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
+                 critic: bool = False):
   """``(student, x0, context, key, step) -> (student, metrics)``: plain flow matching on clean
   videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
-  level and sees the clean video as history (the cached teacher-forcing layout)."""
+  level and sees the clean video as history (the cached teacher-forcing layout). ``critic``:
+  the DMD fake score on the student's samples, at the levels the DMD loss compares scores
+  (``dmd_sigma``), its metrics under ``critic/``."""
   f = cfg.chunk_frames
 
   def loss_fn(p, micro):
@@ -293,12 +414,18 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
 
   def step(student, x0, context, key, step_index):
     k_lvl, k_eps = jax.random.split(key)
-    sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                    # [B, F]
+    if critic:
+      lo, hi = cfg.dmd_sigma
+      sig = losses.chunk_to_frames(flow.shift_sigma(jax.random.uniform(
+          k_lvl, (x0.shape[0], x0.shape[1] // f), minval=lo, maxval=hi), cfg.shift), f)
+    else:
+      sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                  # [B, F]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     grads, loss = accumulate(jax.value_and_grad(loss_fn), student["params"],
                              (x0, context, sig, eps), cfg.micro_batches)
-    student, metrics = _apply_update(student, grads, tx, cfg, step_index)
-    metrics["fm/loss"] = jnp.mean(loss)
+    prefix = "critic" if critic else "student"
+    student, metrics = _apply_update(student, grads, tx, cfg, step_index, prefix)
+    metrics[f"{prefix}/fm_loss" if critic else "fm/loss"] = jnp.mean(loss)
     return student, metrics
 
   return step

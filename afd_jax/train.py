@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data as data_lib
+from afd_jax import losses
 from afd_jax import mesh as mesh_lib
 from afd_jax import metrics as metrics_lib
 from afd_jax import rollout as rollout_lib
@@ -43,9 +44,12 @@ from afd_jax.models import discriminator as disc_lib
 from afd_jax.models import wan
 from afd_jax.models import wan_checkpoint
 
-METHODS = ("afd", "sft", "afd_frozen_disc", "pretrain")
+METHODS = ("afd", "afd_frozen_disc", "afd_oracle", "gan", "sft", "dmd", "pretrain")
 EVAL_SEED = 10**6  # evaluation noise and teacher samples: never used by training
-ADVERSARIAL = ("afd", "afd_frozen_disc")
+NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old policy and reference
+WITH_DISC = ("afd", "afd_frozen_disc", "gan")    # a discriminator in the training state
+GENERATOR = ("gan", "dmd")                       # losses through the rollout's exit step
+ON_POLICY = NFT + GENERATOR                      # methods that roll out the student
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +71,23 @@ def validate(config: ml_collections.ConfigDict):
                     f"config.rollout.chunk_frames={r.chunk_frames}")
   if d.height % 2 or d.width % 2:
     problems.append(f"latent height/width {d.height}x{d.width} must be even (Wan's 2x2 patches)")
-  if config.afd.group_size != 1:
-    problems.append(f"config.afd.group_size={config.afd.group_size}: the trainer pairs one teacher "
-                    "video with one rollout per prompt so far; use 1 (the default)")
+  if config.afd.group_size < 1:
+    problems.append(f"config.afd.group_size={config.afd.group_size} must be >= 1 (student "
+                    "rollouts per prompt)")
+  elif config.afd.group_size > 1 and config.method not in ON_POLICY:
+    problems.append(f"config.afd.group_size={config.afd.group_size}: {config.method!r} trains on "
+                    "teacher videos, not on rollouts; use 1")
+  if config.disc.loss not in losses.DISC_LOSSES:
+    problems.append(f"config.disc.loss={config.disc.loss!r} is not one of {losses.DISC_LOSSES}")
+  if config.afd.exit_step not in ("random", "last"):
+    problems.append(f"config.afd.exit_step={config.afd.exit_step!r} must be 'random' (Self-"
+                    "Forcing) or 'last'")
+  if config.method == "dmd" and not config.model.checkpoint:
+    problems.append("config.method='dmd' distils config.model.checkpoint (the score model, e.g. "
+                    "a flow-matching base) into a few-step student; set it")
+  if config.method == "afd_oracle" and d.teacher != "physics":
+    problems.append("config.method='afd_oracle' scores rollouts with the physics evaluator, so it "
+                    "needs config.data.teacher='physics'")
   if d.teacher not in teachers.KINDS:
     problems.append(f"config.data.teacher={d.teacher!r} is not one of {teachers.KINDS}")
   elif d.teacher == "store" and not (d.store and Path(d.store).exists()):
@@ -110,10 +128,11 @@ def afd_config(config) -> steps.AFDConfig:
       rollout_timesteps=tuple(float(t) for t in rollout_config(config).timesteps()),
       nft_passes=a.nft_passes, nft_levels=a.nft_levels, shift=config.rollout.shift, beta=a.beta,
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
-      disc_tau_max=a.disc_tau_max, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
+      disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
-      micro_batches=config.train.micro_batches)
+      micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,
+      dmd_sigma=tuple(config.dmd.sigma_range))
 
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:
@@ -126,7 +145,8 @@ def rollout_config(config) -> rollout_lib.RolloutConfig:
 def optimizer(o, max_nonfinite: int):
   """AdamW behind ``apply_if_finite``: a non-finite gradient leaves the parameters unchanged."""
   inner = steps.adamw(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, eps=o.eps,
-                      grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+                      grad_clip=o.grad_clip, warmup_steps=o.warmup_steps,
+                      decay_steps=o.decay_steps)
   return optax.apply_if_finite(inner, max_consecutive_errors=max_nonfinite + 1)
 
 
@@ -136,7 +156,7 @@ def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
   embedding below them), and the trunk's unused output head, get no update at all, weight decay
   included."""
   def adamw(lr):
-    return optax.adamw(steps.lr_schedule(lr, o.warmup_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+    return optax.adamw(steps.lr_schedule(lr, o.warmup_steps, o.decay_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                        weight_decay=o.weight_decay)
 
   labels = lambda params: {k: jax.tree.map(lambda _: "trunk" if k == "trunk" else "readout", v)
@@ -215,6 +235,7 @@ class Networks:
   tx_student: optax.GradientTransformation
   disc_graph: nnx.GraphDef | None
   tx_disc: optax.GradientTransformation | None
+  tx_critic: optax.GradientTransformation | None
   state_sharding: dict
   logical_names: dict          # logical axis names of every parameter, by network
 
@@ -236,24 +257,34 @@ def build_state(config, mesh, abstract: bool = False):
   sharding = {"student": {"params": param_sh, "ema": param_sh,
                           "opt": mesh_lib.opt_state_shardings(tx, params, param_sh, mesh)},
               "step": replicated, "rng": replicated}
-  disc_graph = tx_disc = dparams = None
-  if config.method in ADVERSARIAL:
+  disc_graph = tx_disc = dparams = tx_critic = None
+  if config.method in NFT:
+    sharding.update(old=param_sh, ref=param_sh)
+  if config.method == "dmd":   # the real score (the initial student) and the fake one
+    tx_critic = optimizer(config.optim.critic, config.train.max_nonfinite)
+    sharding.update(ref=param_sh, critic={
+        "params": param_sh, "opt": mesh_lib.opt_state_shardings(tx_critic, params, param_sh, mesh)})
+  if config.method in WITH_DISC:
     disc_graph, dstate = nnx.split(build_discriminator(config, student, shardings, abstract))
     dparam_sh = shardings(dstate)
     names["disc"] = mesh_lib.logical_names(dstate)
     dparams = nnx.to_pure_dict(dstate)
     tx_disc = disc_optimizer(config.optim.disc, config.disc.freeze_below,
                              config.train.max_nonfinite)
-    sharding.update(old=param_sh, ref=param_sh, disc={
+    sharding.update(disc={
         "params": dparam_sh, "opt": mesh_lib.opt_state_shardings(tx_disc, dparams, dparam_sh, mesh)})
-  nets = Networks(graph, student.config, tx, disc_graph, tx_disc, sharding, names)
+  nets = Networks(graph, student.config, tx, disc_graph, tx_disc, tx_critic, sharding, names)
 
   def assemble(params, dparams):
     state = {"student": {"params": params, "ema": params, "opt": tx.init(params)},
              "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(config.seed))}
+    if config.method in NFT:
+      state.update(old=params, ref=params)
+    if config.method == "dmd":
+      state.update(ref=params, critic={"params": params, "opt": tx_critic.init(params)})
     if dparams is not None:
-      state.update(old=params, ref=params, disc={"params": dparams, "opt": tx_disc.init(dparams)})
+      state.update(disc={"params": dparams, "opt": tx_disc.init(dparams)})
     return jax.tree.map(jnp.copy, state)  # unshares the aliased copies of the student
 
   if abstract:
@@ -269,15 +300,22 @@ class StepFns:
 
   noise: Callable
   rollout: Callable
+  train_rollout: Callable | None = None   # GENERATOR methods: ends chunks at an exit step
   fm: Callable | None = None
   disc: Callable | None = None
   score: Callable | None = None
   advantage: Callable | None = None
   student: Callable | None = None
+  critic: Callable | None = None
   old: Callable | None = None
 
 
 _STEP_FNS: dict = {}
+
+
+def rollout_rows(config) -> int:
+  """Videos per rollout: ``group_size`` rollouts of each of the ``batch_size`` prompts."""
+  return config.data.batch_size * config.afd.group_size
 
 
 def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
@@ -286,8 +324,8 @@ def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
   Memoised on everything the programs depend on, so a second trainer of the same configuration
   (a resume, an evaluation, a test) reuses the traced and compiled programs."""
   key = (config.method, config.rollout.to_json(), config.afd.to_json(), config.optim.to_json(),
-         config.disc.to_json(), config.train.max_nonfinite, config.train.micro_batches,
-         config.data.batch_size,
+         config.disc.to_json(), config.dmd.to_json(), config.train.max_nonfinite,
+         config.train.micro_batches, config.data.batch_size,
          tuple(latent_shape), mesh, nets.student_config,  # with config.disc: the graphs
          tuple(jax.tree.leaves(nets.state_sharding)), jax.tree.structure(nets.state_sharding))
   if key not in _STEP_FNS:
@@ -297,25 +335,41 @@ def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
 
 def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
   sh, afd = nets.state_sharding, afd_config(config)
+  graph, micro = nets.student_graph, config.train.micro_batches
   batch = mesh_lib.batch_sharding(mesh)
   fns = StepFns(
-      noise=jax.jit(lambda k: jax.random.normal(k, (config.data.batch_size, *latent_shape),
-                                                jnp.float32), out_shardings=batch),
-      rollout=rollout_lib.make_rollout(nets.student_graph, rollout_config(config),
-                                       out_shardings=batch,
-                                       micro_batches=config.train.micro_batches))
-  if config.method not in ADVERSARIAL:
-    fns.fm = jax.jit(steps.make_fm_step(nets.student_graph, nets.tx_student, afd),
-                     donate_argnums=(0,), out_shardings=(sh["student"], None))
+      noise=jax.jit(lambda k, rows: jax.random.normal(k, (rows, *latent_shape), jnp.float32),
+                    static_argnums=1, out_shardings=batch),
+      rollout=rollout_lib.make_rollout(graph, rollout_config(config), out_shardings=batch,
+                                       micro_batches=micro))
+  student_out = (sh["student"], None)
+  if config.method not in ON_POLICY:
+    fns.fm = jax.jit(steps.make_fm_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+                     out_shardings=student_out)
     return fns
-  disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
-  fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
-                     donate_argnums=(0, 1), out_shardings=disc_out)
-  fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False),
-                      out_shardings=disc_out)
+  if config.method in WITH_DISC:
+    disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
+    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
+                       donate_argnums=(0, 1), out_shardings=disc_out)
+    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False),
+                        out_shardings=disc_out)
+  if config.method in GENERATOR:
+    fns.train_rollout = rollout_lib.make_rollout(graph, rollout_config(config),
+                                                 out_shardings=(batch, batch),
+                                                 micro_batches=micro, exit_inputs=True)
+  if config.method == "gan":
+    fns.student = jax.jit(steps.make_gan_step(graph, nets.disc_graph, nets.tx_student, afd),
+                          donate_argnums=(0,), out_shardings=student_out)
+    return fns
+  if config.method == "dmd":
+    fns.critic = jax.jit(steps.make_fm_step(graph, nets.tx_critic, afd, critic=True),
+                         donate_argnums=(0,), out_shardings=(sh["critic"], None))
+    fns.student = jax.jit(steps.make_dmd_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+                          out_shardings=student_out)
+    return fns
   fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
-  fns.student = jax.jit(steps.make_student_step(nets.student_graph, nets.tx_student, afd),
-                        donate_argnums=(0,), out_shardings=(sh["student"], None))
+  fns.student = jax.jit(steps.make_student_step(graph, nets.tx_student, afd),
+                        donate_argnums=(0,), out_shardings=student_out)
   decay = afd.old_decay_type
   fns.old = jax.jit(lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),
                     donate_argnums=(0,), out_shardings=sh["old"])
@@ -326,13 +380,20 @@ def check_divisibility(config, mesh, student_cfg: wan.WanConfig):
   """Batch and token counts the mesh must split evenly, refused before anything compiles."""
   d, micro = config.data, config.train.micro_batches
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if d.batch_size % batch_devices:
-    raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by the "
-                     f"{batch_devices} data x fsdp devices of the mesh.")
-  if micro < 1 or d.batch_size % (batch_devices * micro):
+  rows, what = d.batch_size, f"batch_size={d.batch_size}"
+  if config.afd.group_size > 1:
+    rows, what = rollout_rows(config), (f"batch_size x afd.group_size = {d.batch_size} x "
+                                        f"{config.afd.group_size} rollouts")
+  if rows % batch_devices:
+    raise ValueError(f"config.data.{what} is not divisible by the {batch_devices} data x fsdp "
+                     "devices of the mesh; change the batch or the mesh.")
+  if micro < 1 or rows % (batch_devices * micro):
     raise ValueError(f"config.train.micro_batches={micro}: every micro-batch must give each of "
                      f"the {batch_devices} data x fsdp devices the same number of videos; "
-                     f"batch_size={d.batch_size} is not divisible by {batch_devices} x {micro}.")
+                     f"{what} is not divisible by {batch_devices} x {micro}.")
+  if d.batch_size % jax.process_count():
+    raise ValueError(f"config.data.batch_size={d.batch_size} prompts do not split over the "
+                     f"{jax.process_count()} processes (each reads its own prompts).")
   ctx = mesh.shape["context"]
   tokens = (d.height // student_cfg.patch_size[1]) * (d.width // student_cfg.patch_size[2])
   if ctx > 1 and (tokens * config.rollout.chunk_frames) % ctx:
@@ -363,16 +424,24 @@ class Trainer:
     self.pool = self.data.pool
     self.latent_shape = self.data.latent_shape
     self.fns = make_step_fns(config, self.nets, self.mesh, self.latent_shape)
+    # Physics teacher: what the discriminator (or oracle) rewards, measured on every rollout.
+    self.diagnose = (self.data.physics_world is not None
+                     and self.method in (*NFT, "gan"))
+    self._diagnostics: list = []
 
   # -- data ------------------------------------------------------------------------------------
 
   def _host_batch(self, step: int):
     """This host's text embeddings and teacher latents of step ``step`` (numpy; runs in the
-    prefetch thread, so reading or rendering overlaps the previous step's compute)."""
-    d = self.config.data
+    prefetch thread, so reading or rendering overlaps the previous step's compute). With
+    ``group_size`` K > 1 every prompt fills K consecutive rows (prompt-major), row k paired with
+    the prompt's k-th teacher draw."""
+    d, k = self.config.data, self.config.afd.group_size
     ids = data_lib.host_slice(data_lib.batch_ids(step, d.batch_size, self.pool.num_train,
                                                  self.config.seed))
-    return self.pool.embeddings[ids], self.data.source.latents(ids, step)
+    teacher = np.stack([self.data.source.latents(ids, step, draw) for draw in range(k)], 1)
+    return (np.repeat(self.pool.embeddings[ids], k, axis=0),
+            teacher.reshape(-1, *teacher.shape[2:]))
 
   def _to_global(self, local):
     """This process's rows -> one batch-sharded global array."""
@@ -381,46 +450,135 @@ class Trainer:
   # -- the loop --------------------------------------------------------------------------------
 
   def _iteration(self, step: int, batch) -> dict:
+    """One training iteration of ``self.method``."""
     state = self.state
     context, teacher = map(self._to_global, batch)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-    k_noise, k_roll, k_disc, k_student = jax.random.split(key, 4)
-    timings = {}
-    t0 = time.perf_counter()
-    if self.method not in ADVERSARIAL:
-      state["student"], metrics = self.fns.fm(state["student"], teacher, context, k_student,
+    keys = dict(zip(("noise", "rollout", "disc", "student"), jax.random.split(key, 4)))
+    clock = _Clock()
+    if self.method not in ON_POLICY:
+      state["student"], metrics = self.fns.fm(state["student"], teacher, context, keys["student"],
                                              state["step"])
-      jax.block_until_ready(metrics)
-      timings["time/student_s"] = time.perf_counter() - t0
+      clock.lap("student", metrics)
+    elif self.method in GENERATOR:
+      metrics = self._generator_iteration(step, context, teacher, keys, clock)
     else:
-      x_student = self.fns.rollout(state["old"], self.fns.noise(k_noise), context, k_roll)
-      jax.block_until_ready(x_student)
-      timings["time/rollout_s"] = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      train_disc = self.method == "afd" or step < self.config.afd.disc_warmup_steps
-      fn = self.fns.disc if train_disc else self.fns.score
-      dparams, dopt, out = fn(state["disc"]["params"], state["disc"]["opt"], teacher, x_student,
-                              context, k_disc)
-      state["disc"] = {"params": dparams, "opt": dopt}
-      r, adv_metrics = self.fns.advantage(out["teacher_logits"], out["student_logits"])
-      jax.block_until_ready(r)
-      timings["time/disc_s"] = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      if step == self.config.debug.nan_at_step:
-        x_student = x_student * jnp.nan
-      state["student"], metrics = self.fns.student(state["student"], state["old"], state["ref"],
-                                                  x_student, context, r, k_student, state["step"])
-      state["old"] = self.fns.old(state["old"], state["student"]["params"], state["step"] + 1)
-      jax.block_until_ready(state["old"])
-      timings["time/student_s"] = time.perf_counter() - t0
-      metrics = dict(metrics, **out["metrics"], **adv_metrics)
-      metrics["disc/trained"] = float(train_disc)
+      metrics = self._nft_iteration(step, context, teacher, keys, clock)
     opt = state["student"]["opt"]
     metrics["student/rejected"] = 1.0 - jnp.asarray(opt.last_finite, jnp.float32)
     o = self.config.optim.student
-    metrics["student/lr"] = steps.lr_schedule(o.lr, o.warmup_steps)(step)
+    metrics["student/lr"] = steps.lr_schedule(o.lr, o.warmup_steps, o.decay_steps)(step)
     state["step"] = state["step"] + 1
-    return dict(metrics, **timings)
+    return dict(metrics, **clock.times)
+
+  def _nft_iteration(self, step, context, teacher, keys, clock) -> dict:
+    """AFD: rollout of the old policy, scores (discriminator or oracle), advantage, NFT step."""
+    state = self.state
+    rows = rollout_rows(self.config)
+    x_student = self.fns.rollout(state["old"], self.fns.noise(keys["noise"], rows), context,
+                                 keys["rollout"])
+    clock.lap("rollout", x_student)
+    physics = None
+    if self.method == "afd_oracle" or self.diagnose:
+      physics = self.rollout_physics(x_student, self.step_ids(step))
+    if self.method == "afd_oracle":
+      scores = -physics["physics_error"]
+      r, adv, adv_metrics = self.fns.advantage(np.zeros_like(scores), scores)
+      metrics = {"oracle/physics_error": float(np.mean(physics["physics_error"]))}
+    else:
+      out = self._disc_step(teacher, x_student, context, keys["disc"],
+                            train=self.method == "afd"
+                            or step < self.config.afd.disc_warmup_steps)
+      r, adv, adv_metrics = self.fns.advantage(out["teacher_logits"], out["student_logits"])
+      metrics = out["metrics"]
+    clock.lap("score", r)
+    if self.diagnose:
+      self._diagnostics.append((np.asarray(adv), physics))
+    if step == self.config.debug.nan_at_step:
+      x_student = x_student * jnp.nan
+    state["student"], student_metrics = self.fns.student(
+        state["student"], state["old"], state["ref"], x_student, context, r, keys["student"],
+        state["step"])
+    state["old"] = self.fns.old(state["old"], state["student"]["params"], state["step"] + 1)
+    clock.lap("student", state["old"])
+    return dict(metrics, **student_metrics, **adv_metrics)
+
+  def _generator_iteration(self, step, context, teacher, keys, clock) -> dict:
+    """GAN and DMD: the student's own training rollout, ending every chunk at one exit step
+    (random, as Self-Forcing, or the last), then the critic (discriminator or fake score) and the
+    student's update through that exit step."""
+    state, cfg = self.state, self.config
+    steps_per_chunk = len(cfg.rollout.denoising_steps)
+    k_exit, k_roll = jax.random.split(keys["rollout"])
+    exit_step = (jax.random.randint(k_exit, (), 0, steps_per_chunk) if cfg.afd.exit_step == "random"
+                 else jnp.asarray(steps_per_chunk - 1))
+    params = state["student"]["params"]
+    x_student, inputs = self.fns.train_rollout(
+        params, self.fns.noise(keys["noise"], rollout_rows(cfg)), context, k_roll, exit_step)
+    clock.lap("rollout", x_student)
+    if step == cfg.debug.nan_at_step:
+      x_student = x_student * jnp.nan
+    if self.method == "gan":
+      out = self._disc_step(teacher, x_student, context, keys["disc"], train=True)
+      metrics = out["metrics"]
+      clock.lap("score", metrics)
+      if self.diagnose:
+        self._diagnostics.append((np.asarray(out["student_logits"] - out["teacher_logits"]),
+                                  self.rollout_physics(x_student, self.step_ids(step))))
+      state["student"], student_metrics = self.fns.student(
+          state["student"], state["disc"]["params"], inputs, x_student, teacher, context,
+          exit_step, keys["student"], state["step"])
+    else:
+      state["critic"], metrics = self.fns.critic(state["critic"], x_student, context,
+                                                 keys["disc"], state["step"])
+      clock.lap("score", metrics)
+      student_metrics = {}
+      if (step + 1) % cfg.dmd.critic_ratio == 0:
+        state["student"], student_metrics = self.fns.student(
+            state["student"], state["critic"]["params"], state["ref"], inputs, x_student,
+            context, exit_step, keys["student"], state["step"])
+    clock.lap("student", state["student"]["params"])
+    return dict(metrics, **student_metrics)
+
+  def _disc_step(self, teacher, x_student, context, key, train: bool) -> dict:
+    """One discriminator update on the (teacher, student) pairs (or, ``train=False``, only their
+    scores); returns the pre-update logits and metrics."""
+    disc = self.state["disc"]
+    fn = self.fns.disc if train else self.fns.score
+    params, opt, out = fn(disc["params"], disc["opt"], teacher, x_student, context, key)
+    self.state["disc"] = {"params": params, "opt": opt}
+    out["metrics"]["disc/trained"] = float(train)
+    return out
+
+  def _pop_diagnostics(self) -> dict:
+    """What the scores rewarded since the last log line: Spearman correlations of the advantage
+    (GAN: the paired score) with the rollouts' physics score and its terms, over every rollout
+    of the window (scores standardised per step, so the window's pairs pool)."""
+    if not self._diagnostics:
+      return {}
+    advantage = np.concatenate([a for a, _ in self._diagnostics])
+    physics = {k: np.concatenate([p[k] for _, p in self._diagnostics])
+               for k in self._diagnostics[0][1]}
+    self._diagnostics = []
+    return _rank_correlations(advantage, physics)
+
+  def step_ids(self, step: int) -> np.ndarray:
+    """The global prompt id of every row of step ``step`` (K rows per prompt)."""
+    d = self.config.data
+    return np.repeat(data_lib.batch_ids(step, d.batch_size, self.pool.num_train,
+                                        self.config.seed), self.config.afd.group_size)
+
+  def rollout_physics(self, latents, ids) -> dict[str, np.ndarray]:
+    """Per-video ``physics_error`` and its terms of rollouts (a global array) for prompts
+    ``ids``, measured by ``afd_jax.eval`` on the decoded pixels (every host computes all)."""
+    from afd_jax.eval import physics as eval_physics
+    x = np.asarray(multihost_utils.process_allgather(latents, tiled=True))
+    videos = np.stack([self.data.encoder.decode(v) for v in x])
+    rows, _ = eval_physics.evaluate(videos, [self.pool.prompts[i] for i in ids],
+                                    self.data.physics_world, self.config.rollout.chunk_frames)
+    out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
+    out["gravity_gap"] = np.abs(np.array([row["gravity_ratio"] for row in rows]) - 1.0)  # NaN: unseen
+    return out
 
   def _meta(self, step):
     return {"method": self.method, "seed": self.config.seed, "step": step,
@@ -458,8 +616,9 @@ class Trainer:
     try:
       with jax.set_mesh(self.mesh):
         for step in range(start, total):
-          metrics = self._iteration(step, prefetch.get(step))
           done = step + 1
+          log = done % config.train.log_every == 0 or done == total
+          metrics = self._iteration(step, prefetch.get(step))
           rejected = int(self.state["student"]["opt"].notfinite_count)
           if rejected:
             logging.warning("step %d: non-finite student loss or gradient, update rejected "
@@ -472,8 +631,8 @@ class Trainer:
           evaluate = config.train.eval_every and done % config.train.eval_every == 0
           if evaluate and done < total:
             metrics.update(self.evaluate(done, write=False))
-          if done % config.train.log_every == 0 or done == total or evaluate:
-            last = writer.write(done, metrics)
+          if log or evaluate:
+            last = writer.write(done, dict(metrics, **self._pop_diagnostics()))
           self._debug_signal(done)
           if (done == total or self._stop_requested or (config.train.checkpoint_every and
                                                         done % config.train.checkpoint_every == 0)):
@@ -517,13 +676,13 @@ class Trainer:
   def sample(self, params, ids, seed: int) -> np.ndarray:
     """Student rollouts ``[len(ids), F, h, w, C]`` (numpy, on every host) for global prompt
     ``ids``, in batches of the training batch size (the rollout compiled for training)."""
-    n = self.config.data.batch_size
+    n = self.config.data.batch_size  # whatever the group size: the same samples for every method
     padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % n)])
     out = []
     with jax.set_mesh(self.mesh):
       for i in range(0, len(padded), n):
         context = self._to_global(data_lib.host_slice(self.pool.embeddings[padded[i:i + n]]))
-        noise = self.fns.noise(jax.random.fold_in(jax.random.key(seed), i))
+        noise = self.fns.noise(jax.random.fold_in(jax.random.key(seed), i), n)
         x = self.fns.rollout(params, noise, context, jax.random.key(seed + 1 + i))
         out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
     return np.concatenate(out)[:len(ids)]
@@ -605,6 +764,33 @@ class Trainer:
     model = nnx.merge(self.student_graph, self.copy(self.state["student"]["ema"]))
     return wan_checkpoint.save_converted(model, path, source=f"afd_jax {self.method} "
                                          f"{self.workdir}")
+
+
+class _Clock:
+  """Wall time of the parts of an iteration (each lap waits for its result)."""
+
+  def __init__(self):
+    self.times, self._t0 = {}, time.perf_counter()
+
+  def lap(self, name: str, result):
+    jax.block_until_ready(result)
+    now = time.perf_counter()
+    self.times[f"time/{name}_s"] = now - self._t0
+    self._t0 = now
+
+
+def _rank_correlations(advantage, physics) -> dict:
+  """Spearman correlation of the advantage with the negated physics error, each of its terms and
+  the distance of the shown gravity from the prompt's (positive: the advantage favours rollouts
+  with better physics), over the rollouts where a value was measured; NaN where it is constant."""
+  from scipy import stats
+  out = {}
+  for name, values in physics.items():
+    seen = np.isfinite(values)
+    a, v = advantage[seen], values[seen]
+    ok = len(v) > 2 and np.ptp(v) > 0 and np.ptp(a) > 0
+    out[f"diag/spearman_{name}"] = float(stats.spearmanr(a, -v).statistic) if ok else float("nan")
+  return out
 
 
 def run(config, workdir) -> dict:

@@ -2,17 +2,19 @@
 
 A small causal Wan student (3 blocks, width 128) generates 9-frame (3 chunks of 3), 24x24 videos
 of one bouncing ball (pixels as latents: 2x2 pixel blocks become 12 channels) from prompts of the
-physics grammar. Its base checkpoint was
-pretrained by the project's own ``pretrain`` method on a world it knows only imperfectly (each
-video's gravity and bounciness scaled by a random factor), and AFD then distils the true-physics
-teacher into it. Variants (``--config=configs/demo.py:VARIANT``):
+physics grammar, in four denoising steps per chunk with Self-Forcing's KV-cache sampler. Its base
+checkpoint was made as the paper's students were: a flow-matching model of a world it knows only
+imperfectly (each video's gravity and bounciness scaled by a random factor), distilled by DMD
+into a few-step causal student that renders balls well and moves them wrongly. AFD then distils
+the true-physics teacher into it. Variants (``--config=configs/demo.py:VARIANT``):
 
 * (none): the demo. Loads the shipped base student, runs AFD against the physics teacher, then
   evaluates ``base``, ``afd`` and ``teacher`` on held-out prompts into ``WORKDIR/report.json``.
-* ``base``: how the shipped base student was made::
+* ``base`` and ``distill``: the two stages that made the shipped base student, run by one
+  command (``afd_jax/tools/physics_base.py``)::
 
-      python -m afd_jax.main --config=configs/demo.py:base --workdir=runs/physics_base \\
-          --config.train.export=afd_jax/assets/physics_base
+      python -m afd_jax.tools.physics_base --workdir=runs/physics_base \\
+          --out=afd_jax/assets/physics_base
 """
 
 from pathlib import Path
@@ -35,11 +37,11 @@ def get_config(variant: str = ""):
   c.disc.readout_layers = (1, 2)
   c.disc.readout_ffn_dim = 256
 
-  # A plain flow-matching base is not distilled, so it needs more than Self-Forcing's 4 warped
-  # steps to make sharp balls: 8 evenly spaced steps down to sigma = 0.125.
-  c.rollout.denoising_steps = (1000.0, 875.0, 750.0, 625.0, 500.0, 375.0, 250.0, 125.0)
+  # The distilled student samples as Self-Forcing's does (x0, then fresh noise, KV cache), with
+  # four evenly spaced levels: these small pixel videos need no shift toward high noise.
+  c.rollout.denoising_steps = (1000.0, 750.0, 500.0, 250.0)
   c.rollout.shift = 1.0
-  c.rollout.sampler = "ode"
+  c.rollout.sampler = "renoise"
   c.afd.nft_passes = 2
 
   c.data.teacher = "physics"
@@ -76,21 +78,35 @@ def get_config(variant: str = ""):
   c.experiment.systems = ("teacher", "base", "afd")   # what report.json compares (in order)
   c.experiment.name = ""                              # the trained system's name; "": method
 
-  if variant == "base":
+  if variant in ("base", "distill"):  # both stages train on the world the student gets wrong
     c.mode = "train"
-    c.method = "pretrain"
     c.model.checkpoint = ""
-    c.physics.gravity_range = (0.25, 1.0)          # the world the student knows imperfectly
+    c.physics.gravity_range = (0.25, 1.0)
     c.physics.restitution_range = (0.5, 1.0)
     c.data.teacher_samples = 0                     # a fresh video every step
+  if variant == "base":
+    c.method = "pretrain"
     c.afd.nft_levels = "continuous"                # every noise level, not only the sampler's
+    c.rollout.sampler = "ode"                      # a plain flow-matching model (evaluation):
+    c.rollout.denoising_steps = (1000.0, 875.0, 750.0, 625.0, 500.0, 375.0, 250.0, 125.0)
     c.optim.student.lr = 1e-3
     c.optim.student.b1 = 0.9                       # pretraining from scratch wants momentum
-    c.optim.student.warmup_steps = 100
+    c.optim.student.warmup_steps = 200
+    c.optim.student.decay_steps = 8000             # cosine to 0
+    c.afd.ema_decay = 0.999
+    c.train.num_steps = 8000
+    c.train.log_every = 200
+    c.train.checkpoint_every = 1000
+    c.train.eval_every = 2000
+  elif variant == "distill":
+    c.method = "dmd"                               # model.checkpoint: the base (the real score)
+    c.optim.student.lr = 1e-4
+    c.optim.critic.lr = 1e-4
+    c.afd.ema_decay = 0.99
     c.train.num_steps = 3000
-    c.train.log_every = 50
+    c.train.log_every = 100
     c.train.checkpoint_every = 500
-    c.train.eval_every = 500
+    c.train.eval_every = 1000
   elif variant:
-    raise ValueError(f"unknown configs/demo.py variant {variant!r}; use '' or 'base'.")
+    raise ValueError(f"unknown configs/demo.py variant {variant!r}; use '', 'base' or 'distill'.")
   return c

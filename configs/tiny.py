@@ -12,7 +12,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mode = "train"                     # train | rollout
-  c.method = "afd"                     # afd | sft | afd_frozen_disc | pretrain
+  c.method = "afd"                     # afd | afd_frozen_disc | afd_oracle | gan | sft | dmd | pretrain
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"              # afd_jax.models.wan.PRESETS, used when checkpoint is empty
@@ -28,6 +28,7 @@ def get_config():
   c.disc.readout_layers = (0, 1)
   c.disc.readout_ffn_dim = 128
   c.disc.freeze_below = 0
+  c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.chunk_frames = 3
@@ -70,6 +71,7 @@ def get_config():
   c.afd.nft_passes = 4
   c.afd.nft_levels = "rollout"
   c.afd.disc_tau_max = 0.1
+  c.afd.disc_tau_min = 0.0             # noise augmentation tau ~ U[min, max], shared in a pair
   c.afd.r1_weight = 0.0
   c.afd.r2_weight = 0.0
   c.afd.penalty_sigma = 0.01
@@ -78,12 +80,18 @@ def get_config():
   c.afd.old_decay_type = 1
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
+  c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through
+
+  c.dmd = ml_collections.ConfigDict()  # distribution matching (method=dmd: distilling a base)
+  c.dmd.critic_ratio = 5               # critic updates per student update (Self-Forcing: 5)
+  c.dmd.sigma_range = (0.02, 0.98)     # noise levels (before the rollout shift) scores compare at
 
   c.optim = ml_collections.ConfigDict()
-  for name, lr in (("student", 3e-4), ("disc", 1e-3)):
+  for name, lr in (("student", 3e-4), ("disc", 1e-3), ("critic", 3e-4)):
     o = ml_collections.ConfigDict()
     o.lr, o.b1, o.b2, o.weight_decay, o.eps, o.grad_clip, o.warmup_steps = (
         lr, 0.0, 0.999, 0.01, 1e-8, 10.0, 0)
+    o.decay_steps = 0                  # > 0: cosine decay to 0 at this step (pretraining)
     c.optim[name] = o
   c.optim.disc.head_lr_multiplier = 1.0  # readouts and head learn at lr x this
 

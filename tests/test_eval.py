@@ -134,7 +134,11 @@ def test_teacher_physics_near_zero_and_below_every_broken_video(teacher, teacher
   assert scores["wrong_world"]["accel_error"] > 0.4               # g scaled by 0.3..0.5
   assert scores["frozen"]["accel_error"] > 0.8
   assert scores["noise"]["physics_error"] == 5.0                  # every ball missing: the cap
-  assert all(np.isfinite(v) for s in scores.values() for v in s.values())
+  # The gravity a video shows: the teacher's, the wrong world's 0.3..0.5, none in noise.
+  assert abs(means["gravity_ratio"] - 1.0) < 0.05, means
+  assert 0.25 < scores["wrong_world"]["gravity_ratio"] < 0.55, scores["wrong_world"]
+  assert np.isnan(scores["noise"]["gravity_ratio"])
+  assert all(np.isfinite(v) for s in scores.values() for k, v in s.items() if k != "gravity_ratio")
 
 
 def test_restitution_and_penetration():
@@ -237,3 +241,28 @@ def test_report_table_grid_and_curves(teacher, tmp_path):
     assert im.format == "PNG" and im.size[0] > 100
   with pytest.raises(ValueError, match="no record has keys"):
     report.plot_curves(log, ["loss"], tmp_path / "x.png")
+
+
+def test_motion_metrics_on_known_trajectories():
+  """A ball moving at a known constant speed is measured at that speed; a frozen video has none
+  and is not dynamic; a copy of the teacher at 60 % of its speed has speed ratio 0.6 and still
+  moves (the threshold is half the teacher's slowest); VBench's flickering formula by hand."""
+  from afd_jax.eval import motion
+  prompt = SINGLE[0]
+  t = np.arange(WORLD.num_frames)
+  line = np.stack([0.3 + 0.02 * t, np.full(len(t), 0.5)], -1)[:, None]  # 0.02 frame heights / frame
+  speed = motion.video_speed(render(line, prompt), prompt, WORLD)
+  assert abs(speed - 0.02 * WORLD.fps) < 0.002 * WORLD.fps, speed
+  slower = np.stack([0.3 + 0.012 * t, np.full(len(t), 0.5)], -1)[:, None]
+  still = np.repeat(line[:1], len(t), axis=0)
+  videos = np.stack([render(x, prompt) for x in (line, slower, still)])
+  reference = np.stack([render(line, prompt)] * 3)
+  out = motion.evaluate(videos[1:2], [prompt], WORLD, reference=reference[:1])
+  assert abs(out["speed_ratio"] - 0.6) < 0.02, out
+  out = motion.evaluate(videos, [prompt] * 3, WORLD, reference=reference)
+  assert out["dynamic_degree"] == pytest.approx(2 / 3)        # the frozen one is not dynamic
+  assert motion.temporal_flickering(videos[2]) == 1.0
+  frames = np.zeros((3, 4, 4, 3), np.uint8)
+  frames[1] = 51                                               # mean |diff| 51 twice: (255-51)/255
+  assert motion.temporal_flickering(frames) == pytest.approx(204 / 255)
+  assert motion.evaluate(videos, [prompt] * 3, WORLD).keys() == {"speed", "temporal_flickering"}

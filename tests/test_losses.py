@@ -32,15 +32,32 @@ def test_advantage_normalisation_batch_and_per_prompt():
 
 
 def test_teacher_logit_cancels_with_several_rollouts_per_prompt():
-  """Per-prompt centring removes the teacher logit; the global std of the raw scores (DiffusionNFT
-  ``global_std``) still sees it, so advantages agree up to one common scale."""
+  """K rollouts per prompt, prompt-major, each beside its own teacher draw: every rollout is
+  scored against its prompt's mean teacher logit, and per-prompt centring removes it, whatever
+  the draws; the global std (DiffusionNFT ``global_std``) is over all scores."""
   student = jnp.array([0.3, -0.2, 1.0, 2.0])
-  a = L.normalize_advantages(L.paired_scores(jnp.array([0.0, 5.0]), student, 2), 2)
-  b = L.normalize_advantages(L.paired_scores(jnp.array([-3.0, 1.0]), student, 2), 2)
-  np.testing.assert_allclose(a / b, np.full(4, float(a[0] / b[0])), rtol=1e-5)
-  c = L.normalize_advantages(L.paired_scores(jnp.array([7.0, 12.0]), student, 2), 2)
-  np.testing.assert_allclose(a, c, rtol=1e-5)  # a common teacher shift changes nothing
+  scores = L.paired_scores(jnp.array([0.0, 2.0, 5.0, 5.0]), student, 2)
+  np.testing.assert_allclose(scores, [-0.7, -1.2, -4.0, -3.0], rtol=1e-6)
+  a = L.normalize_advantages(scores, 2)
+  np.testing.assert_allclose(a, np.array([0.25, -0.25, -0.5, 0.5]) / (np.std(scores) + 1e-4),
+                             rtol=1e-5)
+  b = L.normalize_advantages(L.paired_scores(jnp.array([-3.0, 9.0, 1.0, 0.0]), student, 2), 2)
+  np.testing.assert_allclose(a / b, np.full(4, float(a[0] / b[0])), rtol=1e-5)  # same ranking
   np.testing.assert_allclose(L.paired_scores(jnp.array([1.0]), jnp.array([3.0])), [2.0])
+
+
+def test_disc_losses_paired_and_unpaired():
+  t, s = jnp.array([2.0, -1.0]), jnp.array([0.0, 1.0])
+  sp = lambda x: np.log1p(np.exp(x))
+  np.testing.assert_allclose(L.disc_loss("bt", t, s), (sp(-2.0) + sp(2.0)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(L.disc_loss("gan", t, s),
+                             (sp(-2.0) + sp(1.0)) / 2 + (sp(0.0) + sp(1.0)) / 2, rtol=1e-6)
+  # Swapping which student video sits beside which teacher changes only the paired loss.
+  swapped = s[::-1]
+  assert float(L.disc_loss("bt", t, swapped)) != pytest.approx(float(L.disc_loss("bt", t, s)))
+  assert float(L.disc_loss("gan", t, swapped)) == pytest.approx(float(L.disc_loss("gan", t, s)))
+  np.testing.assert_allclose(L.relativistic_generator_loss(t, s), (sp(2.0) + sp(-2.0)) / 2,
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode,expected", [

@@ -123,3 +123,26 @@ def test_ode_sampler_takes_deterministic_euler_steps(tiny_model):
   np.testing.assert_array_equal(latents, other)
   with pytest.raises(ValueError, match="sampler"):
     R.RolloutConfig(sampler="heun")
+
+
+def test_training_rollout_ends_chunks_at_the_exit_step(tiny_model):
+  """``exit_step`` q: every chunk's output is its clean estimate at step q, later chunks see it as
+  history, and the returned inputs are the model inputs of step q."""
+  cfg = R.RolloutConfig()
+  rng = np.random.default_rng(3)
+  noise = jnp.asarray(rng.standard_normal((B, 6, 4, 6, 16)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((B, 7, tiny_model.config.text_dim)), jnp.float32)
+  graphdef, state = nnx.split(tiny_model)
+  train = R.make_rollout(graphdef, cfg, exit_inputs=True)
+  full = R.make_rollout(graphdef, cfg, return_intermediates=True)
+  key = jax.random.key(1)
+  latents, inter = full(state, noise, context, key)
+  last, inputs = train(state, noise, context, key, jnp.asarray(3))
+  np.testing.assert_array_equal(last, latents)                   # q = last: the inference rollout
+  np.testing.assert_array_equal(inputs, inter["inputs"][3])
+  first, inputs0 = train(state, noise, context, key, jnp.asarray(0))
+  np.testing.assert_array_equal(inputs0[:, :3], noise[:, :3])     # chunk 0 starts from the noise
+  s0 = flow.timestep_to_sigma(cfg.timesteps()[0])
+  np.testing.assert_allclose(first[:, :3], flow.x0_from_velocity(
+      noise[:, :3], inter["velocities"][0][:, :3], s0), atol=1e-6)
+  assert not np.allclose(first[:, 3:], latents[:, 3:])            # chunk 1 saw another history

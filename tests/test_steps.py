@@ -57,8 +57,10 @@ def test_disc_training_separates_teacher_from_student(tiny_model, batch):
 
 
 def test_advantage_from_logits():
-  r, m = steps.advantage(jnp.array([0.0, 0.0, 0.0, 0.0]), jnp.array([-2.0, -1.0, 1.0, 2.0]), CFG)
+  r, adv, m = steps.advantage(jnp.zeros(4), jnp.array([-2.0, -1.0, 1.0, 2.0]), CFG)
   assert np.all(np.diff(np.asarray(r)) > 0) and abs(float(jnp.mean(r)) - 0.5) < 1e-6
+  np.testing.assert_allclose(adv, np.array([-2.0, -1.0, 1.0, 2.0]) / (np.sqrt(2.5) + 1e-4),
+                             rtol=1e-6)
   assert set(m) >= {"adv/mean", "adv/clipped_frac", "r/mean"}
 
 

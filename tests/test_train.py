@@ -19,6 +19,7 @@ from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data
 from afd_jax import train
 from afd_jax import video
+from afd_jax.models import wan, wan_checkpoint
 from afd_jax.teachers import physics
 from configs import tiny
 from small_config import override
@@ -54,13 +55,104 @@ def _run(workdir, **overrides):
     ("train.num_steps", 0, "num_steps"),
     ("data.num_frames", 5, "not a multiple of config.rollout.chunk_frames"),
     ("data.height", 5, "must be even"),
-    ("afd.group_size", 2, "group_size"),
+    ("afd.group_size", 0, "group_size"),
+    ("disc.loss", "hinge", "disc.loss"),
+    ("afd.exit_step", "first", "exit_step"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
 ])
 def test_config_errors_name_the_field(key, value, message):
   with pytest.raises(ValueError, match=message):
     train.validate(small_config(**{key: value}))
+
+
+def test_group_size_needs_rollouts_and_the_oracle_needs_the_physics_teacher():
+  with pytest.raises(ValueError, match="group_size=2: 'sft' trains on teacher videos"):
+    train.validate(small_config(method="sft", **{"afd.group_size": 2}))
+  with pytest.raises(ValueError, match="afd_oracle.*physics"):
+    train.validate(small_config(method="afd_oracle"))
+
+
+def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
+  """K = 2 rollouts per prompt: rows 2i and 2i+1 share prompt i's text and each is paired with
+  its own teacher draw (draw 0 is the one K = 1 reads); the discriminator, the advantage and the
+  student step run on 2 B rows, and evaluation still samples B prompts at a time."""
+  cfg = small_config(**{"afd.group_size": 2, "data.batch_size": 4, "train.num_steps": 1,
+                        "train.checkpoint_every": 0})
+  trainer = train.Trainer(cfg, tmp_path / "k2")
+  context, teacher = trainer._host_batch(0)
+  assert context.shape[0] == teacher.shape[0] == 8
+  np.testing.assert_array_equal(context[0::2], context[1::2])
+  assert not np.allclose(teacher[0::2], teacher[1::2])
+  one = train.Trainer(small_config(**{"data.batch_size": 4}), tmp_path / "k1")
+  single_context, single_teacher = one._host_batch(0)
+  np.testing.assert_array_equal(context[0::2], single_context)
+  np.testing.assert_array_equal(teacher[0::2], single_teacher)
+  np.testing.assert_array_equal(trainer.step_ids(0), np.repeat(one.step_ids(0), 2))
+  summary = trainer.run()
+  assert np.isfinite(summary["nft/loss"]) and "eval/property_gap" in summary
+
+
+def test_oracle_advantage_is_the_normalised_negated_physics_error(tmp_path):
+  """``afd_oracle`` scores every rollout with the evaluator (no discriminator in the state), and
+  the NFT step receives exactly the advantage of those scores; its rank correlation with the
+  physics score is 1."""
+  import dataclasses
+  from afd_jax import losses
+  from configs import demo
+  cfg = override(demo.get_config(), method="afd_oracle", **{
+      "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
+      "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
+      "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
+      "train.num_steps": 1, "train.checkpoint_every": 0})
+  cfg.mode = "train"
+  trainer = train.Trainer(cfg, tmp_path)
+  assert "disc" not in trainer.state and {"old", "ref"} <= set(trainer.state)
+  seen, measure, student = {}, trainer.rollout_physics, trainer.fns.student
+
+  def physics_spy(latents, ids):
+    seen["physics"] = measure(latents, ids)
+    return seen["physics"]
+
+  def student_spy(student_state, old, ref, x0, context, r, *rest):
+    seen["r"] = np.asarray(r)
+    return student(student_state, old, ref, x0, context, r, *rest)
+
+  trainer.rollout_physics = physics_spy
+  trainer.fns = dataclasses.replace(trainer.fns, student=student_spy)
+  with jax.set_mesh(trainer.mesh):
+    metrics = trainer._iteration(0, trainer._host_batch(0))
+  metrics.update(trainer._pop_diagnostics())
+  errors = seen["physics"]["physics_error"]
+  expected = losses.optimality_probability(np.clip(
+      (-errors - np.mean(-errors)) / (np.std(errors) + 1e-4), -5, 5), 5.0)
+  np.testing.assert_allclose(seen["r"], expected, rtol=1e-5)
+  assert metrics["oracle/physics_error"] == pytest.approx(np.mean(errors))
+  if np.ptp(errors) > 0:
+    assert metrics["diag/spearman_physics_error"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method,keys,state", [
+    ("gan", ("gan/generator_loss", "disc/accuracy", "student/grad_norm"), {"disc"}),
+    ("dmd", ("dmd/loss", "dmd/gradient", "critic/fm_loss", "student/grad_norm"), {"critic", "ref"}),
+])
+def test_generator_methods_train_through_the_exit_step(tmp_path, method, keys, state):
+  """The GAN baseline and DMD distillation run end to end: a training rollout with a random exit
+  step, the critic (discriminator or fake score), the student's update (DMD: every second step,
+  ``dmd.critic_ratio``), with the state they need and nothing else."""
+  cfg = small_config(method=method, **{"dmd.critic_ratio": 2, "train.checkpoint_every": 0})
+  if method == "dmd":  # distils a score model: here a random tiny student, saved as a checkpoint
+    with pytest.raises(ValueError, match="dmd.*model.checkpoint"):
+      train.validate(cfg)
+    cfg.model.checkpoint = str(wan_checkpoint.save_converted(
+        wan.init(wan.preset("tiny"), seed=3), tmp_path / "score"))
+  trainer = train.Trainer(cfg, tmp_path)
+  assert set(trainer.state) == {"student", "step", "rng", *state}
+  trainer.run()
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  for key in keys:
+    assert np.isfinite(lines[-1][key]), key
+  assert float(lines[-1]["student/update_norm"]) > 0
 
 
 def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
@@ -88,7 +180,7 @@ def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
   for key in ("disc/bt_loss", "disc/accuracy", "disc/teacher_logit", "disc/student_logit",
               "adv/mean", "adv/std", "adv/clipped_frac", "r/mean", "nft/loss", "nft/positive",
               "nft/negative", "reg/loss", "student/grad_norm", "disc/grad_norm", "student/lr",
-              "time/rollout_s", "time/disc_s", "time/student_s", "perf/steps_per_second"):
+              "time/rollout_s", "time/score_s", "time/student_s", "perf/steps_per_second"):
     assert key in lines[-1], key
   assert list((tmp_path / "straight" / "tensorboard").iterdir())
   assert Path(reference["samples"]).exists()

@@ -34,6 +34,11 @@ the maximum, never NaN. Per video::
     physics_error = mean over balls of (accel_error + accel_x_error + bounce_error
                                         + penetration + chunk_jump)        in [0, 5]
 
+Beside the error, ``gravity_ratio`` reads the gravity a video shows: the measured vertical
+acceleration over the prompt's (clipped to [0, 2], averaged over balls and over the videos where
+it could be measured; NaN where no ball flew three frames). ``accel_error`` counts jitter and a
+wrong value alike; ``gravity_ratio`` near 1 says the value is right, whatever the jitter.
+
 Teacher renders score about 0.02 (tracking noise); gravity scaled by 0.3 to 0.5 about 0.6, a
 frozen video about 1, shuffled frames about 1.7, noise 5.
 """
@@ -164,7 +169,9 @@ def _ball_terms(p: np.ndarray, ok: np.ndarray, overlap: np.ndarray, scene: Scene
     contacts.append(contact)
   outside = np.maximum(walls[:, 0] - p, p - walls[:, 1]).max(-1)
   e = scene.restitution
+  measured = np.isfinite(accel[1]) and used
   return {
+      "gravity_ratio": float(np.clip(accel[1] / g, 0.0, 2.0)) if measured else np.nan,
       "accel_error": abs(accel[1] - g) / g,
       "accel_x_error": abs(accel[0]) / g,
       "bounce_error": np.mean([abs(b - e) / e for b in bounces]) if bounces else 0.0,
@@ -187,7 +194,7 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
   h = video.shape[1]
   # Hidden behind another ball is not missing: only frames with no trace of the ball count.
   missing = 1.0 - (tracks.visible | tracks.overlap).mean(0)
-  rows, bounces = [], 0
+  rows, bounces, ratios = [], 0, []
   for k in range(len(scene.colors)):
     if missing[k] > 1.0 - MIN_VISIBLE:
       rows.append(np.ones(len(TERMS)))
@@ -195,10 +202,13 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
     terms, n = _ball_terms(tracks.centres[:, k] * h, tracks.visible[:, k], tracks.overlap[:, k],
                            scene, video.shape[1:3], world, chunk_frames, tolerance_px)
     bounces += n
+    ratios.append(terms["gravity_ratio"])
     rows.append(missing[k] + (1.0 - missing[k]) * np.clip([terms[t] for t in TERMS], 0.0, 1.0))
   out = dict(zip(TERMS, np.mean(rows, 0).tolist()))
   out["physics_error"] = float(sum(out[t] for t in TERMS))
   out["bounces"] = float(bounces)
+  out["gravity_ratio"] = float(np.mean(ratios)) if ratios and not np.isnan(ratios).all() \
+      else np.nan
   return out
 
 
@@ -209,4 +219,15 @@ def evaluate(videos, prompts: Sequence[str], world: PhysicsWorld = PhysicsWorld(
   if len(videos) != len(prompts):
     raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts.")
   rows = [video_physics(v, p, world, chunk_frames) for v, p in zip(videos, prompts)]
-  return rows, {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  return rows, mean_rows(rows)
+
+
+def mean_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+  """Per-key means of per-video dicts; ``gravity_ratio`` over the videos where it was measured
+  (NaN when none was)."""
+  out = {}
+  for k in rows[0]:
+    values = np.array([r[k] for r in rows], np.float64)
+    out[k] = float(np.nanmean(values)) if k == "gravity_ratio" and not np.isnan(values).all() \
+        else float(np.mean(values))
+  return out

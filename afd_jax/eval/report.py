@@ -16,17 +16,19 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from afd_jax.eval import frechet, physics, quality, tracking
+from afd_jax.eval import frechet, motion, physics, quality, tracking
 from afd_jax.teachers.physics import PhysicsWorld
 
 # Every metric ``evaluate`` returns, in table order, with the direction that is better.
 BETTER = {
     "physics_error": "lower", "frechet_distance": "lower",
-    "accel_error": "lower", "accel_x_error": "lower", "bounce_error": "lower",
+    "accel_error": "lower", "gravity_ratio": "one", "accel_x_error": "lower",
+    "bounce_error": "lower",
     "penetration": "lower", "chunk_jump": "lower",
     "count_error": "lower", "visibility": "higher", "color_error": "lower",
     "hue_error": "lower", "sharpness": "higher", "sharpness_ratio": "higher",
-    "bounces": "info",
+    "dynamic_degree": "higher", "speed_ratio": "one", "speed": "info",
+    "temporal_flickering": "info", "bounces": "info",
 }
 
 
@@ -37,29 +39,36 @@ def evaluate(videos, prompts: Sequence[str], *, reference=None,
 
   ``reference``: teacher videos ``[M, T, H, W, 3]`` (other seeds) for ``frechet_distance`` and,
   given their prompts (``reference_prompts``, or ``prompts`` when M == N),
-  ``sharpness_ratio`` = sharpness / the reference's; both keys are absent without a reference.
+  ``sharpness_ratio`` = sharpness / the reference's, ``dynamic_degree`` and ``speed_ratio``
+  (``motion``); these keys are absent without a reference.
   ``world`` gives the ball radius and fps; ``chunk_frames`` the student's chunk length.
   """
   videos = tracking.check_videos(videos)
   if len(videos) != len(prompts):
     raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts.")
   rows = [_video_metrics(v, p, world, chunk_frames) for v, p in zip(videos, prompts)]
-  out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  out = physics.mean_rows(rows)
   if reference is not None:
     reference = tracking.check_videos(reference)
     out["frechet_distance"] = frechet.video_frechet(videos, reference)
     if reference_prompts is None and len(reference) == len(prompts):
       reference_prompts = prompts
-    if reference_prompts is not None:
-      teacher = quality.evaluate(reference, reference_prompts, world)[1]["sharpness"]
-      out["sharpness_ratio"] = out["sharpness"] / max(teacher, 1e-6)
+  speeds = [r["speed"] for r in rows]
+  known = reference_prompts is not None   # reference speeds need the reference's prompts
+  out.update(motion.evaluate(videos, prompts, world, speeds=speeds,
+                             reference=reference if known else None,
+                             reference_prompts=reference_prompts))
+  if reference_prompts is not None:
+    teacher = quality.evaluate(reference, reference_prompts, world)[1]["sharpness"]
+    out["sharpness_ratio"] = out["sharpness"] / max(teacher, 1e-6)
   return {k: out[k] for k in BETTER if k in out}
 
 
 def _video_metrics(video, prompt: str, world: PhysicsWorld, chunk_frames: int) -> dict:
   tracks = tracking.track(video, prompt, world.radius)
   return (physics.video_physics(video, prompt, world, chunk_frames, tracks=tracks)
-          | quality.video_quality(video, prompt, world, tracks=tracks))
+          | quality.video_quality(video, prompt, world, tracks=tracks)
+          | {"speed": motion.video_speed(video, prompt, world, tracks=tracks)})
 
 
 def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
@@ -75,7 +84,8 @@ def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
     values = [report[s].get(key) for s in systems]
     better = BETTER.get(key, "")
     known = [v for v in values if v is not None]
-    best = (min if better == "lower" else max)(known) if better in ("lower", "higher") else None
+    best = ({"lower": min, "higher": max}[better](known) if better in ("lower", "higher")
+            else min(known, key=lambda v: abs(v - 1.0)) if better == "one" and known else None)
     cells = ["-" if v is None else f"{v:.4g}" + ("*" if len(known) > 1 and v == best else "")
              for v in values]
     rows.append([key, better, *cells])

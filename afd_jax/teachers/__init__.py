@@ -36,8 +36,9 @@ class VideoTeacher(Protocol):
 
 
 class LatentSource(Protocol):
-  def latents(self, prompt_ids: np.ndarray, step: int) -> np.ndarray:
-    """Clean teacher latents ``[B, F, h, w, C]`` (float32) of this step's sample of each prompt."""
+  def latents(self, prompt_ids: np.ndarray, step: int, draw: int = 0) -> np.ndarray:
+    """Clean teacher latents ``[B, F, h, w, C]`` (float32) of this step's sample of each prompt
+    (``draw``: which of the prompt's K pairings of the step, each with its own pick)."""
 
 
 @dataclasses.dataclass
@@ -148,5 +149,5 @@ class _StoreSource:
   def __init__(self, store, seed: int):
     self.store, self.seed = store, seed
 
-  def latents(self, prompt_ids, step):
-    return self.store.latents(prompt_ids, seed=self.seed * 1_000_003 + step)
+  def latents(self, prompt_ids, step, draw: int = 0):
+    return self.store.latents(prompt_ids, seed=self.seed * 1_000_003 + step, draw=draw)

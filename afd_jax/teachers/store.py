@@ -349,18 +349,20 @@ class TeacherStore:
           f"--overwrite` with --num_frames/--height/--width, --encoder/--patch, "
           f"--text_length/--text_dim).")
 
-  def sample_indices(self, prompt_ids, seed: int) -> np.ndarray:
-    """Which stored sample of each prompt a read with ``seed`` returns: a function of
-    ``(seed, prompt_id)`` only, so any host, any restart reads the same."""
+  def sample_indices(self, prompt_ids, seed: int, draw: int = 0) -> np.ndarray:
+    """Which stored sample of each prompt a read with ``seed`` (and ``draw``, the rollout of a
+    prompt's group it pairs with) returns: a function of ``(seed, prompt_id, draw)`` only, so any
+    host, any restart reads the same."""
     ids = self._ids(prompt_ids)
-    return np.array([np.random.default_rng([int(seed), int(i)]).integers(
+    extra = [int(draw)] if draw else []
+    return np.array([np.random.default_rng([int(seed), int(i), *extra]).integers(
         self.samples_per_prompt[i]) for i in ids], np.int64)
 
-  def latents(self, prompt_ids, seed: int) -> np.ndarray:
+  def latents(self, prompt_ids, seed: int, draw: int = 0) -> np.ndarray:
     """float32 ``[B, F, h, w, C]``: one stored sample per prompt, chosen by ``sample_indices``.
     Pass the host's own slice of the global ids (``data.host_slice``, ``host_batch``)."""
     ids = self._ids(prompt_ids)
-    return self.read(ids, field="latents", samples=self.sample_indices(ids, seed))
+    return self.read(ids, field="latents", samples=self.sample_indices(ids, seed, draw))
 
   def read(self, prompt_ids, field: str, samples=None) -> np.ndarray:
     """``field`` (``latents`` or ``text_embedding``) of each prompt's ``samples[i]``-th sample

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from afd_jax import data as data_lib
+
 
 class SyntheticTeacher:
   def __init__(self, latent_shape, offset: float = 1.0, offset_channel: int = 0,
@@ -32,6 +34,7 @@ class SyntheticTeacher:
     video[..., self.offset_channel] += self.offset
     return video.astype(np.float32)
 
-  def latents(self, prompt_ids, step: int) -> np.ndarray:
-    """``[B, F, H, W, C]``: a fresh texture draw every step."""
-    return np.stack([self._video(p, step) for p in np.asarray(prompt_ids)])
+  def latents(self, prompt_ids, step: int, draw: int = 0) -> np.ndarray:
+    """``[B, F, H, W, C]``: a fresh texture every step (and every draw of a step)."""
+    seed = step + data_lib.DRAW_STRIDE * draw
+    return np.stack([self._video(p, seed) for p in np.asarray(prompt_ids)])

@@ -1,15 +1,22 @@
 """The miniature of the paper's table: every method from the same base student, same teacher budget.
 
-    python -m afd_jax.tools.physics_table --workdir=runs/physics_table --seeds=0,1,2 \\
+    python -m afd_jax.tools.physics_table --workdir=runs/physics_table --seeds=0,1,2,3,4 \\
         --out=docs/results/physics.md
 
-For each seed, from the shipped base student (``configs/demo.py``): SFT, AFD, AFD with a frozen
-discriminator, AFD with positive-only updates (reward-weighted flow matching, no negative branch)
-and AFD without the regulariser, each for the same number of iterations on the same prompts, so
-each sees the same teacher videos (``data.teacher_samples`` per prompt). Every system, the base
-student and the teacher's own second sample set included, is scored on the held-out prompts by
-``afd_jax.eval``. The page gets mean +- std over seeds per metric, bar plots and this command.
-Finished runs are skipped, so an interrupted table resumes where it stopped.
+For each seed, from the shipped base student (``configs/demo.py``), every system of ``SYSTEMS``
+trains for the same number of iterations on the same prompts, so each sees the same teacher
+videos (``data.teacher_samples`` per prompt): the paper's baselines (SFT, GAN), AFD with one and
+with K rollouts per prompt, the oracle bound (the evaluator's own physics score in place of the
+discriminator), a frozen discriminator, positive-only updates, the discriminator learning-rate
+sweep and the unpaired GAN discriminator loss. DMD needs the teacher's score function, which a
+black-box teacher does not give, so it is not a row. Every system, the base student and the
+teacher's own second sample set included, is scored on the held-out prompts by ``afd_jax.eval``.
+
+The page gets mean +- std over seeds per metric, the paired gain over the base (per seed, same
+evaluation noise) with its spread, what the discriminators rewarded (rank correlations of their
+advantage with the rollouts' physics score, from ``metrics.jsonl``), bar plots, the checks of the
+paper's claims, and this command. Finished runs are skipped, so an interrupted table resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -26,30 +33,44 @@ from absl import app, flags, logging
 from afd_jax import experiment
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/physics_table", "Where the runs go.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (at least 3 for a spread).")
-_STEPS = flags.DEFINE_integer("steps", 60, "Iterations per method (the demo runs 120; at 60 the 15 "
-                              "runs took 44 minutes on 2 CPU cores).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (at least 5).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Iterations per method (0: the demo's).")
 _OUT = flags.DEFINE_string("out", "docs/results/physics.md", "The results page to write.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these systems (development; the page needs all).")
 
-# name -> (method, config overrides)
-METHODS = {
-    "sft": ("sft", {}),
-    "afd": ("afd", {}),
-    "afd_frozen_disc": ("afd_frozen_disc", {}),
-    "afd_positive_only": ("afd", {"afd.nft_branches": "positive"}),
-    "afd_no_regularizer": ("afd", {"afd.reg_weight": 0.0}),
+GROUP = 4              # AFD's rollouts per prompt in the K > 1 row
+DISC_LR = {"0": 0.0, "low": 3e-6, "high": 3e-4}   # around the demo's 3e-5
+
+# name -> (method, config overrides, what it is)
+SYSTEMS = {
+    "sft": ("sft", {}, "flow matching on the teacher's videos (off-policy)"),
+    "gan": ("gan", {}, "direct adversarial imitation through the exit step"),
+    "afd": ("afd", {}, "AFD, one rollout per prompt"),
+    f"afd_k{GROUP}": ("afd", {"afd.group_size": GROUP}, f"AFD, {GROUP} rollouts per prompt"),
+    "afd_oracle": ("afd_oracle", {}, "NFT driven by the evaluator's physics score (upper bound)"),
+    "afd_frozen_disc": ("afd_frozen_disc", {}, "discriminator frozen after its warm-up"),
+    "afd_positive_only": ("afd", {"afd.nft_branches": "positive"},
+                          "reward-weighted flow matching, no negative branch"),
+    **{f"afd_disc_lr_{k}": ("afd", {"optim.disc.lr": v}, f"discriminator lr {v:g}")
+       for k, v in DISC_LR.items()},
+    "afd_unpaired_loss": ("afd", {"disc.loss": "gan"}, "plain unpaired GAN discriminator loss"),
 }
-SYSTEMS = ("teacher", "base", *METHODS)
-HEADLINE = ("physics_error", "frechet_distance")
+BASELINES = ("sft", "gan")
+HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", "dynamic_degree",
+            "speed_ratio", "sharpness_ratio", "visibility")
+GAINS = ("physics_error", "accel_error", "accel_x_error", "bounce_error", "penetration",
+         "chunk_jump", "frechet_distance", "dynamic_degree")
+DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
+               "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac")
 
 
-def _config(seed: int, name: str, steps: int | None):
+def config(seed: int, name: str, steps: int):
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
   from configs import demo
   c = demo.get_config()
-  method, overrides = METHODS.get(name, ("afd", {}))
+  method, overrides, _ = SYSTEMS[name]
   c.seed, c.method, c.experiment.name = seed, method, name
-  c.experiment.systems = ("teacher", "base", name) if name == "afd" else (name,)
+  c.experiment.systems = ("teacher", "base", name)
   if steps:
     c.train.num_steps = steps
   for key, value in overrides.items():
@@ -60,79 +81,155 @@ def _config(seed: int, name: str, steps: int | None):
   return c
 
 
-def run_all(workdir: Path, seeds, steps) -> dict:
-  """``{system: {metric: [value per seed]}}``; one experiment per (seed, method)."""
-  results: dict = {}
+def run_all(workdir: Path, seeds, names, steps) -> tuple[dict, dict]:
+  """``({system: {metric: [value per seed]}}, {system: {diagnostic: [mean per seed]}})``."""
+  results, diagnostics = {}, {}
   for seed in seeds:
-    for name in METHODS:
+    for i, name in enumerate(names):
       out = workdir / f"seed_{seed}" / name
       if not (out / "report.json").exists():
         t0 = time.perf_counter()
-        experiment.run(_config(seed, name, steps), out)
-        logging.info("seed %d %s: %.0fs", seed, name, time.perf_counter() - t0)
+        c = config(seed, name, steps)
+        if i:  # teacher and base are the same for every system of a seed: score them once
+          c.experiment.systems = (name,)
+        experiment.run(c, out)
+        logging.warning("seed %d %s: %.0fs", seed, name, time.perf_counter() - t0)
       for system, metrics in json.loads((out / "report.json").read_text()).items():
         for k, v in metrics.items():
           results.setdefault(system, {}).setdefault(k, []).append(v)
-  return results
+      records = [json.loads(line) for line in
+                 (out / SYSTEMS[name][0] / "metrics.jsonl").read_text().splitlines()]
+      for key in DIAGNOSTICS:
+        values = [r[key] for r in records if key in r and np.isfinite(r[key])]
+        if values:
+          diagnostics.setdefault(name, {}).setdefault(key, []).append(float(np.mean(values)))
+  return results, diagnostics
 
 
-def _plot(results, metric, path: Path):
+def _fmt(values, digits: int = 3) -> str:
+  return f"{np.mean(values):.{digits}g} ± {np.std(values):.2g}"
+
+
+def _paired(results, name: str, metric: str) -> np.ndarray:
+  """Per-seed gain of ``name`` over the base (positive: better), same evaluation noise."""
+  from afd_jax.eval.report import BETTER
+  base, own = np.asarray(results["base"][metric]), np.asarray(results[name][metric])
+  sign = -1.0 if BETTER.get(metric) == "lower" else 1.0
+  return sign * (own - base)
+
+
+def _plot(results, metric: str, path: Path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  names = [s for s in SYSTEMS if s in results]
+  from afd_jax.eval.report import BETTER
+  names = [s for s in ("teacher", "base", *SYSTEMS) if s in results and metric in results[s]]
   mean = [np.mean(results[s][metric]) for s in names]
   std = [np.std(results[s][metric]) for s in names]
-  fig, ax = plt.subplots(figsize=(7, 3.2))
-  ax.bar(names, mean, yerr=std, capsize=4, color=["0.6", "0.8"] + ["C0"] * (len(names) - 2))
-  ax.set_ylabel(f"{metric} (lower is better)")
-  ax.tick_params(axis="x", labelrotation=25)
+  colours = ["0.6", "0.8"] + ["C3" if s in BASELINES else "C2" if s == "afd_oracle" else "C0"
+                              for s in names[2:]]
+  fig, ax = plt.subplots(figsize=(9, 3.4))
+  ax.bar(names, mean, yerr=std, capsize=3, color=colours)
+  ax.set_ylabel(f"{metric} ({BETTER.get(metric, '')} is better)")
+  ax.tick_params(axis="x", labelrotation=35)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def write_page(results, seeds, steps, seconds: float, out: Path, command: str):
-  metrics = sorted({k for m in results.values() for k in m},
-                   key=lambda k: (k not in HEADLINE, HEADLINE.index(k) if k in HEADLINE else 0, k))
-  fmt = lambda v: f"{np.mean(v):.4g} ± {np.std(v):.2g}"
-  names = [s for s in SYSTEMS if s in results]
-  lines = [f"| system | {' | '.join(metrics)} |", "|---" * (len(metrics) + 1) + "|"]
-  lines += [f"| {s} | {' | '.join(fmt(results[s].get(k, [np.nan])) for k in metrics)} |"
-            for s in names]
-  for metric in HEADLINE:
+def claims(results) -> list[str]:
+  """The issue's and the paper's claims, checked on these numbers."""
+  out = []
+  base, teacher = np.mean(results["base"]["physics_error"]), np.mean(
+      results["teacher"]["physics_error"])
+  afd = np.mean(results["afd"]["physics_error"])
+  closed = (base - afd) / max(base - teacher, 1e-9)
+  out.append(f"AFD closes {closed:.0%} of the base -> teacher `physics_error` gap "
+             f"({base:.3f} -> {afd:.3f}, teacher {teacher:.3f}): "
+             f"{'at least half' if closed >= 0.5 else 'less than half'}.")
+  gain = _paired(results, "afd", "accel_error")
+  out.append(f"AFD's gravity (`accel_error`) gain over the base: {gain.mean():.3f} ± "
+             f"{gain.std():.3f} (paired, over seeds): "
+             f"{'more' if gain.mean() > 2 * gain.std() else 'NOT more'} than twice its spread.")
+  fd = _paired(results, "afd", "frechet_distance")
+  out.append(f"AFD's Fréchet distance vs the base: {-fd.mean():+.4f} ± {fd.std():.4f} "
+             f"({'not worse' if fd.mean() >= 0 else 'worse'} on average).")
+  for other in BASELINES:
+    diff = (np.asarray(results[other]["physics_error"])
+            - np.asarray(results["afd"]["physics_error"]))
+    out.append(f"AFD vs {other.upper()} on `physics_error` (paired, {other} minus AFD): "
+               f"{diff.mean():.3f} ± {diff.std():.3f}: AFD "
+               f"{'beats it by more than the spread' if diff.mean() > diff.std() else 'does not beat it by more than the spread'}.")
+  return out
+
+
+def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, command: str):
+  from afd_jax.eval.report import BETTER
+  names = [s for s in ("teacher", "base", *SYSTEMS) if s in results]
+  metrics = [k for k in BETTER if any(k in results[s] for s in names)]
+  head = [k for k in HEADLINE if k in metrics]
+  table = lambda keys: [f"| system | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"] + [
+      f"| {s} | {' | '.join(_fmt(results[s][k]) if k in results[s] else '-' for k in keys)} |"
+      for s in names]
+  trained = [s for s in names if s in SYSTEMS]
+  gains = [f"| system | {' | '.join(GAINS)} |", "|---" * (len(GAINS) + 1) + "|"] + [
+      f"| {s} | {' | '.join(_fmt(_paired(results, s, k)) for k in GAINS)} |" for s in trained]
+  diag = [f"| system | {' | '.join(DIAGNOSTICS)} |", "|---" * (len(DIAGNOSTICS) + 1) + "|"] + [
+      f"| {s} | {' | '.join(_fmt(diagnostics[s][k]) if k in diagnostics.get(s, {}) else '-' for k in DIAGNOSTICS)} |"
+      for s in trained if s in diagnostics]
+  for metric in ("physics_error", "accel_error", "frechet_distance", "dynamic_degree"):
     _plot(results, metric, out.parent / f"physics_{metric}.png")
-  base, afd = results["base"]["physics_error"], results["afd"]["physics_error"]
-  gain = np.mean(base) - np.mean(afd)
-  spread = max(np.std(base), np.std(afd))
-  best = min((s for s in names if s != "teacher"),
-             key=lambda s: np.mean(results[s]["physics_error"]))
   page = [
       "# The physics table: AFD in miniature",
       "",
-      "Every system starts from the same base student (`configs/demo.py`, pretrained on a world "
-      "whose gravity and bounciness are randomly wrong) and is trained against the physics "
-      "teacher for the same number of iterations on the same prompts, so each method sees the "
-      "same teacher videos. Scores are on held-out prompts, measured without any discriminator "
-      f"(`afd_jax/eval`); mean ± std over seeds {', '.join(map(str, seeds))} (for `teacher` and "
-      "`base`, the spread comes from the evaluation noise and teacher samples of each seed).",
+      "Every system starts from the same base student (`configs/demo.py`: a few-step causal "
+      "student distilled, as Self-Forcing is, from a flow-matching model of a world whose gravity "
+      "and bounciness are randomly wrong) and is trained against the physics teacher for the "
+      "same number of iterations on the same prompts, so each method sees the same teacher "
+      "videos. Scores are on held-out prompts, measured without any discriminator "
+      f"(`afd_jax/eval`); mean ± std over seeds {', '.join(map(str, seeds))}; for `teacher` and "
+      "`base` the spread comes from each seed's evaluation noise and teacher samples.",
       "",
       "```bash",
       command,
       "```",
       "",
-      f"{steps} iterations per method; {len(seeds) * len(METHODS)} training runs in "
-      f"{seconds / 60:.0f} minutes on this machine ({jax.device_count()} {jax.default_backend()} "
-      "device(s)).",
+      f"{steps} iterations per method; {len(seeds) * len(trained)} training runs in "
+      f"{seconds / 60:.0f} minutes on this machine ({jax.device_count()} "
+      f"{jax.default_backend()} device(s)). DMD, the paper's third baseline, is not a row: it "
+      "needs the teacher's score function, which a black-box teacher does not give.",
       "",
-      *lines,
+      "Systems: " + "; ".join(f"`{s}`: {SYSTEMS[s][2]}" for s in trained) + ".",
       "",
-      "![physics_error](physics_physics_error.png) ![frechet_distance](physics_frechet_distance.png)",
+      "## Headline",
       "",
-      f"Lowest physics error among trained systems: **{best}**. AFD vs base: physics error "
-      f"{np.mean(base):.4g} -> {np.mean(afd):.4g} (gain {gain:.3g}; largest seed std "
-      f"{spread:.2g}; the gain is {'larger' if gain > spread else 'NOT larger'} than the spread).",
+      *table(head),
+      "",
+      "## The paper's claims, checked",
+      "",
+      *[f"- {line}" for line in claims(results)],
+      "",
+      "## Paired gain over the base (positive: better), mean ± std over seeds",
+      "",
+      *gains,
+      "",
+      "## What the discriminators rewarded",
+      "",
+      "Per logged step, the Spearman rank correlation between each rollout's advantage (GAN: its "
+      "paired score) and its negated physics error (and two of its parts), averaged over the "
+      "run, then mean ± std over seeds; the discriminator's accuracy and the fraction of "
+      "saturated r. The oracle's correlation is 1 by construction.",
+      "",
+      *diag,
+      "",
+      "![physics_error](physics_physics_error.png) ![accel_error](physics_accel_error.png)",
+      "![frechet_distance](physics_frechet_distance.png) "
+      "![dynamic_degree](physics_dynamic_degree.png)",
+      "",
+      "## Every metric",
+      "",
+      *table(metrics),
       "",
   ]
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,13 +241,22 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value).absolute() / "jit_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   seeds = [int(s) for s in _SEEDS.value]
-  if len(seeds) < 3:
-    raise app.UsageError("use at least 3 seeds (--seeds=0,1,2): the table reports a spread.")
+  names = _ONLY.value or list(SYSTEMS)
+  unknown = sorted(set(names) - set(SYSTEMS))
+  if unknown:
+    raise app.UsageError(f"--only names unknown systems {unknown}; known: {list(SYSTEMS)}.")
+  if len(seeds) < 5 and not _ONLY.value:
+    raise app.UsageError("use at least 5 seeds (--seeds=0,1,2,3,4): the table reports a spread.")
   t0 = time.perf_counter()
-  results = run_all(Path(_WORKDIR.value), seeds, _STEPS.value)
-  steps = _STEPS.value or _config(seeds[0], "afd", None).train.num_steps
+  results, diagnostics = run_all(Path(_WORKDIR.value), seeds, names, _STEPS.value)
+  steps = _STEPS.value or config(seeds[0], "afd", 0).train.num_steps
   command = "python -m afd_jax.tools.physics_table " + " ".join(sys.argv[1:])
-  write_page(results, seeds, steps, time.perf_counter() - t0, Path(_OUT.value), command)
+  if _ONLY.value:
+    print(json.dumps({s: {k: float(np.mean(v)) for k, v in m.items()} for s, m in results.items()},
+                     indent=1))
+    return
+  write_page(results, diagnostics, seeds, steps, time.perf_counter() - t0, Path(_OUT.value),
+             command)
   print(Path(_OUT.value).read_text())
 
 

@@ -69,24 +69,36 @@ def _sds(shape, dtype, sharding):
 
 def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
   """``{name: (jitted step, abstract args)}`` for every program of ``config.method``."""
-  d, cfg = config.data, nets.student_config
+  d, cfg, method = config.data, nets.student_config, config.method
   batch = mesh_lib.batch_sharding(mesh)
   rep = mesh_lib.replicated(mesh)
-  x = _sds((d.batch_size, *latent_shape), jnp.float32, batch)
-  ctx = _sds((d.batch_size, d.text_length, cfg.text_dim), jnp.float32, batch)
+  rows = train.rollout_rows(config) if method in train.ON_POLICY else d.batch_size
+  x = _sds((rows, *latent_shape), jnp.float32, batch)
+  ctx = _sds((rows, d.text_length, cfg.text_dim), jnp.float32, batch)
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = _sds(key.shape, key.dtype, rep)
+  exit_step = _sds((), jnp.int32, rep)
   fns = train.make_step_fns(config, nets, mesh, latent_shape)
-  if config.method not in train.ADVERSARIAL:
+  if method not in train.ON_POLICY:
     return {"fm": (fns.fm, (state["student"], x, ctx, key, state["step"]))}
-  r = _sds((d.batch_size,), jnp.float32, batch)
-  return {
-      "rollout": (fns.rollout, (state["old"], x, ctx, key)),
-      "disc": (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key)),
-      "student": (fns.student, (state["student"], state["old"], state["ref"], x, ctx, r, key,
-                                state["step"])),
-      "old": (fns.old, (state["old"], state["student"]["params"], state["step"])),
-  }
+  params = state["student"]["params"]
+  steps = ({"rollout": (fns.rollout, (state["old"], x, ctx, key))} if method in train.NFT
+           else {"rollout": (fns.train_rollout, (params, x, ctx, key, exit_step))})
+  if method in train.WITH_DISC:
+    steps["disc"] = (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key))
+  if method in train.NFT:
+    r = _sds((rows,), jnp.float32, batch)
+    steps["student"] = (fns.student, (state["student"], state["old"], state["ref"], x, ctx, r,
+                                      key, state["step"]))
+    steps["old"] = (fns.old, (state["old"], params, state["step"]))
+  elif method == "gan":
+    steps["student"] = (fns.student, (state["student"], state["disc"]["params"], x, x, x, ctx,
+                                      exit_step, key, state["step"]))
+  else:
+    steps["critic"] = (fns.critic, (state["critic"], x, ctx, key, state["step"]))
+    steps["student"] = (fns.student, (state["student"], state["critic"]["params"], state["ref"],
+                                      x, x, ctx, exit_step, key, state["step"]))
+  return steps
 
 
 def model_flops(config, cfg, latent_shape) -> dict:
@@ -95,18 +107,26 @@ def model_flops(config, cfg, latent_shape) -> dict:
   A backward costs two forwards, plus one more under rematerialisation."""
   f, h, w, _ = latent_shape
   tokens = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-  d, chunk, b = config.data, config.rollout.chunk_frames, config.data.batch_size
+  d, chunk, method = config.data, config.rollout.chunk_frames, config.method
   train_pass = 3 + (cfg.remat_policy != "none")
   causal = flops_lib.forward_flops(cfg, f, tokens, d.text_length, "block_causal", chunk)["total"]
-  if config.method not in train.ADVERSARIAL:
-    return {"fm": b * (1 + train_pass) * causal}
+  if method not in train.ON_POLICY:
+    return {"fm": d.batch_size * (1 + train_pass) * causal}
+  b = train.rollout_rows(config)
   bidirectional = flops_lib.forward_flops(cfg, f, tokens, d.text_length)["total"]
-  return {"rollout": b * flops_lib.rollout_flops(cfg, f, tokens, d.text_length, chunk,
-                                                 len(config.rollout.denoising_steps)),
-          "disc": 2 * b * train_pass * bidirectional,        # teacher and student videos
-          # context K/V of theta, old, ref; per NFT pass old and ref forwards, theta trained
-          "student": b * (3 + config.afd.nft_passes * (2 + train_pass)) * causal,
-          "old": 0.0}
+  out = {"rollout": b * flops_lib.rollout_flops(cfg, f, tokens, d.text_length, chunk,
+                                                len(config.rollout.denoising_steps))}
+  if method in train.WITH_DISC:
+    out["disc"] = 2 * b * train_pass * bidirectional                # teacher and student videos
+  exit_estimate = (1 + train_pass) * causal                         # history, then trained pass
+  if method in train.NFT:
+    # context K/V of theta, old, ref; per NFT pass old and ref forwards, theta trained
+    out.update(student=b * (3 + config.afd.nft_passes * (2 + train_pass)) * causal, old=0.0)
+  elif method == "gan":  # the discriminator's backward into the student's videos, its teacher side
+    out["student"] = b * (exit_estimate + (train_pass + 1) * bidirectional)
+  else:                  # the fake score's flow matching; real and fake scores with their history
+    out.update(critic=b * (1 + train_pass) * causal, student=b * (exit_estimate + 4 * causal))
+  return out
 
 
 def plan(config) -> dict:
