@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from afd_jax import encoders as encoders_lib
+from afd_jax import errors
 
 
 class PromptPool:
@@ -36,9 +37,9 @@ class PromptPool:
     self.prompts = list(prompts) if prompts is not None else [f"prompt {i}"
                                                               for i in range(len(embeddings))]
     if len(self.prompts) != len(self.embeddings):
-      raise ValueError(f"{len(self.prompts)} prompts but {len(self.embeddings)} embeddings.")
+      raise errors.UserError(f"{len(self.prompts)} prompts but {len(self.embeddings)} embeddings.")
     if not 0 <= num_eval < len(self.prompts):
-      raise ValueError(f"num_eval={num_eval} held-out prompts leave none of the "
+      raise errors.UserError(f"num_eval={num_eval} held-out prompts leave none of the "
                        f"{len(self.prompts)} prompts for training.")
     self.num_eval = num_eval
 
@@ -79,7 +80,7 @@ def host_slice(global_ids: np.ndarray, process_index: int | None = None,
   n = jax.process_count() if process_count is None else process_count
   global_ids = np.asarray(global_ids)
   if len(global_ids) % n:
-    raise ValueError(f"global batch {len(global_ids)} is not divisible by {n} processes.")
+    raise errors.UserError(f"global batch {len(global_ids)} is not divisible by {n} processes.")
   per = len(global_ids) // n
   return global_ids[index * per:(index + 1) * per]
 
@@ -129,6 +130,9 @@ class EncodedTeacher:
 _END = object()
 
 
+STOPPED = object()  # Prefetcher.get's answer when asked to stop while waiting
+
+
 class Prefetcher:
   """Runs ``fn(step)`` for the steps of ``steps``, in order, up to ``depth`` ahead of the trainer,
   in one background thread, so reading step k+1 overlaps computing step k.
@@ -140,7 +144,7 @@ class Prefetcher:
 
   def __init__(self, fn: Callable[[int], Any], steps: Iterable[int], depth: int = 2):
     if depth < 1:
-      raise ValueError(f"Prefetcher depth must be >= 1, got {depth}.")
+      raise errors.UserError(f"Prefetcher depth must be >= 1, got {depth}.")
     self._fn, self._steps = fn, iter(steps)
     self._slots = threading.Semaphore(depth)
     self._ready: queue.SimpleQueue = queue.SimpleQueue()
@@ -161,10 +165,18 @@ class Prefetcher:
         return
     self._ready.put((_END, None, None))
 
-  def get(self, step: int) -> Any:
+  def get(self, step: int, stop: Callable[[], bool] = lambda: False) -> Any:
+    """``fn(step)``, or ``STOPPED`` when ``stop()`` turns true while waiting for it (a SIGTERM
+    while a slow or hanging teacher is being read: the trainer saves and exits without it)."""
     if self._done:
       raise RuntimeError(f"Prefetcher.get({step}): the prefetcher is closed, exhausted or failed.")
-    got, value, error = self._ready.get()
+    while True:
+      try:
+        got, value, error = self._ready.get(timeout=0.1)
+        break
+      except queue.Empty:
+        if stop():
+          return STOPPED
     self._slots.release()
     if got is _END or error is not None or got != step:
       self.close()
@@ -177,12 +189,14 @@ class Prefetcher:
                          "get for the steps in the order given.")
     return value
 
-  def close(self):
-    """Stops the thread (after the ``fn`` call in flight, if any)."""
+  def close(self, wait: bool = True):
+    """Stops the thread after the ``fn`` call in flight, if any; ``wait=False`` does not wait for
+    that call (a hanging teacher must not hold up a SIGTERM exit: the thread is a daemon)."""
     self._done = True
     self._stop.set()
     self._slots.release()
-    self._thread.join()
+    if wait:
+      self._thread.join()
 
   def __enter__(self) -> Prefetcher:
     return self

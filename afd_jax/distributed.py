@@ -13,6 +13,8 @@ import os
 import jax
 from absl import logging
 
+from afd_jax import errors
+
 
 def detected_cluster() -> str | None:
   """The multi-process cluster JAX can configure itself from the environment, if any."""
@@ -30,15 +32,15 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   explicit = (coordinator_address, num_processes, process_id >= 0)
   if any(explicit):
     if not all(explicit):
-      raise ValueError(
+      raise errors.UserError(
           "multi-process runs need all three of --coordinator_address (HOST:PORT of process 0), "
           f"--num_processes and --process_id; got coordinator_address={coordinator_address!r}, "
           f"num_processes={num_processes}, process_id={process_id}.")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id} must lie in [0, --num_processes="
+      raise errors.UserError(f"--process_id={process_id} must lie in [0, --num_processes="
                        f"{num_processes}).")
     if ":" not in coordinator_address:
-      raise ValueError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT.")
+      raise errors.UserError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT.")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif (cluster := detected_cluster()) is not None:
     logging.info("joining the %s cluster found in the environment", cluster)

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import einops
 import numpy as np
 
+from afd_jax import errors
+
 
 class LatentEncoder(Protocol):
   name: str
@@ -46,7 +48,7 @@ class PixelEncoder:
 
   def __init__(self, patch: int = 4):
     if patch < 1:
-      raise ValueError(f"PixelEncoder patch must be >= 1, got {patch}.")
+      raise errors.UserError(f"PixelEncoder patch must be >= 1, got {patch}.")
     self.patch = self.spatial_stride = patch
 
   @property
@@ -57,7 +59,7 @@ class PixelEncoder:
     t, h, w, c = video_shape
     p = self.patch
     if c != 3 or h % p or w % p:
-      raise ValueError(f"video shape {tuple(video_shape)} cannot be encoded: need RGB frames "
+      raise errors.UserError(f"video shape {tuple(video_shape)} cannot be encoded: need RGB frames "
                        f"with height and width divisible by the encoder patch {p}.")
     return (t, h // p, w // p, 3 * p * p)
 
@@ -71,7 +73,7 @@ class PixelEncoder:
   def decode(self, latents):
     latents = np.asarray(latents, np.float32)
     if latents.ndim != 4 or latents.shape[-1] != 3 * self.patch ** 2:
-      raise ValueError(f"latents {latents.shape} are not [F, h, w, {3 * self.patch ** 2}] "
+      raise errors.UserError(f"latents {latents.shape} are not [F, h, w, {3 * self.patch ** 2}] "
                        f"pixel-encoder latents (patch {self.patch}).")
     x = einops.rearrange(latents, "t h w (p1 p2 c) -> t (h p1) (w p2) c", p1=self.patch,
                          p2=self.patch, c=3)
@@ -93,7 +95,7 @@ class WanVAEEncoder:
                dtype: str = "float32"):
     from afd_jax.models import wan_vae, wan_vae_checkpoint
     if not vae or not Path(vae).exists():
-      raise FileNotFoundError(
+      raise errors.MissingInput(
           f"Wan VAE checkpoint {vae!r} does not exist: set it (--vae, config.data.vae) to "
           f"{wan_vae_checkpoint.ORIGINAL_FILE}, a diffusers vae/ folder or a folder made by "
           f"`{wan_vae_checkpoint.CONVERT}`.")
@@ -119,7 +121,7 @@ class WanVAEEncoder:
   def latent_shape(self, video_shape):
     t, h, w, c = video_shape
     if c != 3:
-      raise ValueError(f"video shape {tuple(video_shape)} is not RGB frames [T, H, W, 3].")
+      raise errors.UserError(f"video shape {tuple(video_shape)} is not RGB frames [T, H, W, 3].")
     return (*self.config.latent_shape(t, h, w), self.config.z_dim)
 
   def encode(self, frames):
@@ -134,7 +136,7 @@ class WanVAEEncoder:
     from afd_jax.models import wan_vae
     latents = np.asarray(latents, np.float32)
     if latents.ndim != 4 or latents.shape[-1] != self.config.z_dim:
-      raise ValueError(f"latents {latents.shape} are not [F, h, w, {self.config.z_dim}] Wan VAE "
+      raise errors.UserError(f"latents {latents.shape} are not [F, h, w, {self.config.z_dim}] Wan VAE "
                        "latents.")
     x = wan_vae.decode(self.vae, latents[None], chunk=self.chunk, tiling=self.tiling)
     return wan_vae.to_uint8(x[0])
@@ -145,7 +147,7 @@ ENCODERS = {"pixels": PixelEncoder, "wan_vae": WanVAEEncoder}
 
 def make(name: str, **kwargs) -> LatentEncoder:
   if name not in ENCODERS:
-    raise ValueError(f"unknown latent encoder {name!r}; choose one of {sorted(ENCODERS)}.")
+    raise errors.UserError(f"unknown latent encoder {name!r}; choose one of {sorted(ENCODERS)}.")
   return ENCODERS[name](**kwargs)
 
 

@@ -14,19 +14,20 @@ base student and evaluates base, trained student and teacher on held-out prompts
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from afd_jax import distributed
+from afd_jax import errors
 from afd_jax import experiment
+from afd_jax import lock
 from afd_jax import rollout as rollout_lib
 from afd_jax import train
 from afd_jax import video
@@ -111,31 +112,37 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if config.mode not in MODES:
-    raise app.UsageError(f"config.mode={config.mode!r} is not one of {MODES}.")
-  try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except ValueError as e:
-    sys.exit(f"afd_jax: {e}")
+    raise errors.UserError(f"config.mode={config.mode!r} is not one of {MODES}.")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:  # one voice: the other hosts log warnings and errors only
     logging.set_verbosity(logging.WARNING)
   workdir = Path(_WORKDIR.value)
+  if workdir.exists() and not workdir.is_dir():
+    raise errors.UserError(f"--workdir={workdir} is a file; give a folder (it is created if "
+                           "missing).")
+  if config.mode != "rollout":
+    train.validate(config)
   workdir.mkdir(parents=True, exist_ok=True)
+  with lock.WorkdirLock(workdir):  # one run per workdir, refused before anything is built
+    run(config, workdir)
+
+
+def run(config, workdir: Path):
   log_environment()
   logging.info("config:\n%s", config)
   if config.mode == "rollout":
     run_rollout(config, workdir)
     return
-  try:
-    train.validate(config)
-  except ValueError as e:  # a readable message, no traceback
-    sys.exit(f"afd_jax: {e}")
   if config.mode == "experiment":
     experiment.run(config, workdir)
     return
   summary = train.run(config, workdir)
   if jax.process_index() == 0:
+    if "nothing_to_do" in summary:
+      print(f"afd_jax: {summary['nothing_to_do']}")
+      return
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

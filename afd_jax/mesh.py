@@ -21,6 +21,8 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from afd_jax import errors
+
 AXES = ("data", "fsdp", "context", "tensor")
 BATCH = ("data", "fsdp")
 
@@ -31,21 +33,21 @@ def make_mesh(num_devices: int = 0, data: int = -1, fsdp: int = 1, context: int 
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices are visible.")
+    raise errors.UserError(f"mesh.num_devices={n} but only {len(devices)} devices are visible.")
   sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
   shown = " x ".join(f"{k}={v}" for k, v in sizes.items())
   if list(sizes.values()).count(-1) > 1:
-    raise ValueError(f"mesh {shown}: only one axis size may be -1.")
+    raise errors.UserError(f"mesh {shown}: only one axis size may be -1.")
   if any(v == 0 or v < -1 for v in sizes.values()):
-    raise ValueError(f"mesh {shown}: axis sizes must be positive (or one of them -1).")
+    raise errors.UserError(f"mesh {shown}: axis sizes must be positive (or one of them -1).")
   known = math.prod(v for v in sizes.values() if v != -1)
   if n % known:
-    raise ValueError(f"mesh {shown}: the fixed axes hold {known} devices, which does not divide "
+    raise errors.UserError(f"mesh {shown}: the fixed axes hold {known} devices, which does not divide "
                      f"the {n} devices in use ({n} % {known} = {n % known}); pick sizes whose "
                      f"product is {n} or divides it with one axis at -1.")
   sizes = {k: n // known if v == -1 else v for k, v in sizes.items()}
   if math.prod(sizes.values()) != n:
-    raise ValueError(f"mesh {shown} = {math.prod(sizes.values())} devices, but {n} are in use; "
+    raise errors.UserError(f"mesh {shown} = {math.prod(sizes.values())} devices, but {n} are in use; "
                      f"set mesh.num_devices={math.prod(sizes.values())} or change the sizes.")
   return Mesh(np.array(devices[:n]).reshape(tuple(sizes.values())), AXES)
 
@@ -64,11 +66,11 @@ def check_rules(rules) -> dict:
   table = {}
   for rule in (rules.items() if isinstance(rules, dict) else rules):
     if len(rule) != 2:
-      raise ValueError(f"logical rule {rule!r} must be a (logical name, mesh axis) pair.")
+      raise errors.UserError(f"logical rule {rule!r} must be a (logical name, mesh axis) pair.")
     name, axes = rule
     for axis in (axes if isinstance(axes, (tuple, list)) else (axes,)):
       if axis is not None and axis not in AXES:
-        raise ValueError(f"logical rule {name!r} -> {axis!r}: {axis!r} is not a mesh axis "
+        raise errors.UserError(f"logical rule {name!r} -> {axis!r}: {axis!r} is not a mesh axis "
                          f"{AXES}; fix config.logical_rules.")
     table[name] = tuple(axes) if isinstance(axes, list) else axes
   return table
@@ -84,12 +86,12 @@ def spec_for(names, shape, mesh: Mesh, rules, what: str = "array") -> P:
     group = axes if isinstance(axes, tuple) else (axes,) if axes else ()
     for axis in group:
       if axis in used:
-        raise ValueError(f"{what}: logical axes {used[axis]!r} and {name!r} both map to mesh axis "
+        raise errors.UserError(f"{what}: logical axes {used[axis]!r} and {name!r} both map to mesh axis "
                          f"{axis!r}; a mesh axis shards one dimension. Fix config.logical_rules.")
       used[axis] = name
     size = math.prod(mesh.shape[a] for a in group)
     if dim % size:
-      raise ValueError(f"{what} has {name}={dim}, not divisible by mesh axes {group} of size "
+      raise errors.UserError(f"{what} has {name}={dim}, not divisible by mesh axes {group} of size "
                        f"{size}; change the mesh or the rule for {name!r}.")
     spec.append(axes)
   return P(*spec)

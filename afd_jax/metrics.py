@@ -1,7 +1,9 @@
 """What a user watches: progress with steps/s and ETA, TensorBoard scalars and ``metrics.jsonl``.
 
 Only process 0 writes. Every logged step is one JSON object per line with ``step``, so the file
-plots with any tool and survives crashes (each line is flushed).
+plots with any tool and survives crashes (each line is flushed). A resumed run first drops the
+rows past its restored step (written after the checkpoint it resumes from, and about to be
+written again), so the file stays one true history.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       workdir = Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._jsonl = _open_history(workdir / "metrics.jsonl", start_step)
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> dict:
@@ -55,6 +57,22 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _open_history(path: Path, start_step: int):
+  """``path`` opened for appending, holding only its rows up to ``start_step``."""
+  if path.exists():
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+      try:
+        if json.loads(line)["step"] <= start_step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+  return open(path, "a", encoding="utf-8")
 
 
 def _clock(seconds: float) -> str:

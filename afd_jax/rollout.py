@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from afd_jax import errors
 from afd_jax import flow
 from afd_jax import steps
 from afd_jax.models import wan
@@ -53,7 +54,7 @@ class RolloutConfig:
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
-      raise ValueError(f"rollout sampler {self.sampler!r} is not one of {SAMPLERS}.")
+      raise errors.UserError(f"rollout sampler {self.sampler!r} is not one of {SAMPLERS}.")
 
   def timesteps(self) -> np.ndarray:
     steps = np.asarray(self.denoising_steps, np.float32)
@@ -72,12 +73,12 @@ class CachePlan:
 def plan_cache(num_frames: int, cfg: RolloutConfig) -> CachePlan:
   f = cfg.chunk_frames
   if num_frames % f:
-    raise ValueError(f"{num_frames} latent frames are not a multiple of chunk_frames={f}.")
+    raise errors.UserError(f"{num_frames} latent frames are not a multiple of chunk_frames={f}.")
   chunks = num_frames // f
   last_write = chunks if cfg.commit_last_chunk else chunks - 1
   if not cfg.window_frames:
     if cfg.sink_frames:
-      raise ValueError("sink_frames only applies together with window_frames.")
+      raise errors.UserError("sink_frames only applies together with window_frames.")
     reads = tuple(b * f for b in range(chunks))
     writes = tuple(b * f if b < last_write else None for b in range(chunks))
     return CachePlan(max(last_write * f, 0), reads, writes)
@@ -164,7 +165,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
   -> (latents, inputs)``, the training rollout ending each chunk at ``exit_step`` and the model
   inputs of that step (what a generator loss recomputes with gradient)."""
   if micro_batches > 1 and return_intermediates:
-    raise ValueError("return_intermediates needs micro_batches=1.")
+    raise errors.UserError("return_intermediates needs micro_batches=1.")
 
   def one(model, noise, context, key, exit_step):
     if not exit_inputs:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from afd_jax import errors
 from afd_jax import flow
 from afd_jax import losses
 
@@ -56,22 +57,22 @@ class AFDConfig:
 
   def __post_init__(self):
     if self.nft_levels not in ("rollout", "continuous"):
-      raise ValueError(f"nft_levels must be 'rollout' or 'continuous', got {self.nft_levels!r}.")
+      raise errors.UserError(f"nft_levels must be 'rollout' or 'continuous', got {self.nft_levels!r}.")
     if self.adv_mode not in losses.ADV_MODES:
-      raise ValueError(f"adv_mode {self.adv_mode!r} not in {losses.ADV_MODES}.")
+      raise errors.UserError(f"adv_mode {self.adv_mode!r} not in {losses.ADV_MODES}.")
     if self.old_decay_type not in DECAY_PRESETS:
-      raise ValueError(f"old_decay_type {self.old_decay_type} not in {sorted(DECAY_PRESETS)}.")
+      raise errors.UserError(f"old_decay_type {self.old_decay_type} not in {sorted(DECAY_PRESETS)}.")
     if not self.beta > 0 or not self.a_max > 0:
-      raise ValueError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
+      raise errors.UserError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
     if self.disc_loss not in losses.DISC_LOSSES:
-      raise ValueError(f"disc_loss {self.disc_loss!r} not in {losses.DISC_LOSSES}.")
+      raise errors.UserError(f"disc_loss {self.disc_loss!r} not in {losses.DISC_LOSSES}.")
     if not 0.0 <= self.disc_tau_min <= self.disc_tau_max <= 1.0:
-      raise ValueError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
+      raise errors.UserError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
                        f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
     if self.micro_batches < 1:
-      raise ValueError(f"micro_batches={self.micro_batches} must be >= 1.")
+      raise errors.UserError(f"micro_batches={self.micro_batches} must be >= 1.")
     if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
-      raise ValueError(f"nft_passes={self.nft_passes} exceeds the {len(self.rollout_timesteps)} "
+      raise errors.UserError(f"nft_passes={self.nft_passes} exceeds the {len(self.rollout_timesteps)} "
                        "rollout levels; lower it or use nft_levels='continuous'.")
 
 
@@ -187,8 +188,7 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     if update:
       grads, (loss, (teacher, student, parts)) = accumulate(
           jax.value_and_grad(loss_fn, has_aux=True), params, batch, cfg.micro_batches)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      params, opt_state, _ = guarded_update(tx, grads, opt_state, params)
       metrics["disc/grad_norm"] = optax.tree.norm(grads)
     else:
       m = cfg.micro_batches
@@ -276,11 +276,29 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
   return step
 
 
+def guarded_update(tx, grads, opt, params):
+  """``tx`` (behind ``optax.apply_if_finite``, which rejects non-finite gradients) applied, unless
+  the *new parameters* are not finite (a NaN or infinite learning rate, an overflow): then the
+  parameters and optimizer state stay as they were and the step counts as rejected, exactly like a
+  non-finite gradient. Returns ``(params, opt, updates)``."""
+  updates, new_opt = tx.update(grads, opt, params)
+  new_params = optax.apply_updates(params, updates)
+  finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_params, new_opt = keep(new_params, params), keep(new_opt, opt)
+  if not isinstance(opt, optax.ApplyIfFiniteState):  # nothing counts rejections
+    return new_params, new_opt, updates
+  new_opt = new_opt._replace(
+      notfinite_count=jnp.where(finite, new_opt.notfinite_count, opt.notfinite_count + 1),
+      total_notfinite=jnp.where(finite, new_opt.total_notfinite, opt.total_notfinite + 1),
+      last_finite=finite & new_opt.last_finite)
+  return new_params, new_opt, updates
+
+
 def _apply_update(student, grads, tx, cfg: AFDConfig, step_index, prefix: str = "student"):
   """One optimizer step on ``student["params"]`` and, when the state has one, the evaluation EMA
   (Self-Forcing: the EMA starts as a copy at ``ema_start`` and decays by ``ema_decay`` after)."""
-  updates, opt = tx.update(grads, student["opt"], student["params"])
-  params = optax.apply_updates(student["params"], updates)
+  params, opt, updates = guarded_update(tx, grads, student["opt"], student["params"])
   out = {"params": params, "opt": opt}
   if "ema" in student:
     decay = jnp.where(step_index < cfg.ema_start, 0.0, cfg.ema_decay)

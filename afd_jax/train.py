@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -33,6 +34,8 @@ from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data as data_lib
+from afd_jax import errors
+from afd_jax import lock as lock_lib
 from afd_jax import losses
 from afd_jax import mesh as mesh_lib
 from afd_jax import metrics as metrics_lib
@@ -63,9 +66,29 @@ def validate(config: ml_collections.ConfigDict):
     problems.append(f"config.method={config.method!r} is not one of {METHODS}")
   if config.train.num_steps <= 0:
     problems.append(f"config.train.num_steps={config.train.num_steps} must be positive")
-  if config.train.checkpoint_every < 0:
-    problems.append("config.train.checkpoint_every must be >= 0 (0 saves only at the end)")
+  t = config.train
+  for field, least, meaning in (
+      ("log_every", 1, "log every N steps"), ("checkpoint_every", 0, "0: save only at the end"),
+      ("eval_every", 0, "0: evaluate only at the end"), ("keep_last", 1, "the last checkpoint is "
+      "what a resume needs"), ("keep_every", 0, "0: keep only the last ones"),
+      ("max_nonfinite", 1, "rejected updates in a row before the run stops"),
+      ("micro_batches", 1, "slices of the batch")):
+    value = t[field]
+    if not isinstance(value, int) or value < least:
+      problems.append(f"config.train.{field}={value!r} must be an integer >= {least} ({meaning})")
+  for name, o in config.optim.items():
+    least = 0.0 if name == "disc" else None  # a zero discriminator lr freezes it (an ablation)
+    if not (math.isfinite(o.lr) and (o.lr > 0 or (least == 0.0 and o.lr == 0))):
+      problems.append(f"config.optim.{name}.lr={o.lr!r} must be a finite number "
+                      f"{'>= 0' if least == 0.0 else '> 0'}")
   d, r = config.data, config.rollout
+  for field, value in (("data.batch_size", d.batch_size), ("data.num_frames", d.num_frames),
+                       ("data.height", d.height), ("data.width", d.width),
+                       ("rollout.chunk_frames", r.chunk_frames)):
+    if value <= 0:
+      problems.append(f"config.{field}={value} must be positive")
+  if problems:  # the checks below divide by these
+    raise _invalid(problems)
   if d.num_frames % r.chunk_frames:
     problems.append(f"config.data.num_frames={d.num_frames} is not a multiple of "
                     f"config.rollout.chunk_frames={r.chunk_frames}")
@@ -96,6 +119,9 @@ def validate(config: ml_collections.ConfigDict):
                     "--out STORE` and point the field at STORE")
   elif d.teacher == "http" and not d.teacher_url:
     problems.append("config.data.teacher='http' needs config.data.teacher_url")
+  elif d.teacher == "http" and not (math.isfinite(d.teacher_timeout_s) and d.teacher_timeout_s > 0):
+    problems.append(f"config.data.teacher_timeout_s={d.teacher_timeout_s!r} must be a positive "
+                    "number of seconds")
   elif d.teacher == "callable" and ":" not in d.teacher_callable:
     problems.append(f"config.data.teacher_callable={d.teacher_callable!r} must be 'module:function'")
   if d.teacher in ("http", "callable") and not Path(d.prompts).is_file():
@@ -118,7 +144,14 @@ def validate(config: ml_collections.ConfigDict):
       problems.append(f"{field}={path!r} does not exist; convert a Wan2.1 checkpoint with "
                       "`python -m afd_jax.tools.convert_wan SRC DST` and point the field at DST")
   if problems:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+    raise _invalid(problems)
+
+
+def _invalid(problems: list[str]) -> errors.UserError:
+  """One line for one problem, a list for several."""
+  if len(problems) == 1:
+    return errors.UserError(f"invalid config: {problems[0]}.")
+  return errors.UserError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def afd_config(config) -> steps.AFDConfig:
@@ -385,23 +418,23 @@ def check_divisibility(config, mesh, student_cfg: wan.WanConfig):
     rows, what = rollout_rows(config), (f"batch_size x afd.group_size = {d.batch_size} x "
                                         f"{config.afd.group_size} rollouts")
   if rows % batch_devices:
-    raise ValueError(f"config.data.{what} is not divisible by the {batch_devices} data x fsdp "
+    raise errors.UserError(f"config.data.{what} is not divisible by the {batch_devices} data x fsdp "
                      "devices of the mesh; change the batch or the mesh.")
   if micro < 1 or rows % (batch_devices * micro):
-    raise ValueError(f"config.train.micro_batches={micro}: every micro-batch must give each of "
+    raise errors.UserError(f"config.train.micro_batches={micro}: every micro-batch must give each of "
                      f"the {batch_devices} data x fsdp devices the same number of videos; "
                      f"{what} is not divisible by {batch_devices} x {micro}.")
   if d.batch_size % jax.process_count():
-    raise ValueError(f"config.data.batch_size={d.batch_size} prompts do not split over the "
+    raise errors.UserError(f"config.data.batch_size={d.batch_size} prompts do not split over the "
                      f"{jax.process_count()} processes (each reads its own prompts).")
   ctx = mesh.shape["context"]
   tokens = (d.height // student_cfg.patch_size[1]) * (d.width // student_cfg.patch_size[2])
   if ctx > 1 and (tokens * config.rollout.chunk_frames) % ctx:
-    raise ValueError(f"mesh.context={ctx} does not divide the {tokens * config.rollout.chunk_frames}"
+    raise errors.UserError(f"mesh.context={ctx} does not divide the {tokens * config.rollout.chunk_frames}"
                      f" tokens of a chunk ({config.rollout.chunk_frames} frames x {tokens} "
                      "tokens); pick a context size that divides it.")
   if mesh.shape["tensor"] > 1 and student_cfg.num_heads % mesh.shape["tensor"]:
-    raise ValueError(f"mesh.tensor={mesh.shape['tensor']} does not divide the "
+    raise errors.UserError(f"mesh.tensor={mesh.shape['tensor']} does not divide the "
                      f"{student_cfg.num_heads} attention heads.")
 
 
@@ -582,15 +615,27 @@ class Trainer:
 
   def _meta(self, step):
     return {"method": self.method, "seed": self.config.seed, "step": step,
-            "config": self.config.to_dict()}
+            "run": self._identity(), "config": self.config.to_dict()}
+
+  def _identity(self) -> dict:
+    """What a resumed run must share with its checkpoint to continue the same run."""
+    d = self.config.data
+    return {**{f"model.{k}": v for k, v in self.student_cfg.architecture().items()},
+            "data.batch_size": d.batch_size,
+            "afd.group_size": self.config.afd.group_size,
+            "video (frames, height, width)": [d.num_frames, d.height, d.width]}
 
   def _restore(self, ckpt: ckpt_lib.Checkpointer) -> int:
     meta = ckpt.latest_meta()
-    for field in ("method", "seed"):
-      if meta is not None and meta.get(field) != getattr(self.config, field):
-        raise ValueError(f"{ckpt.directory} holds a run with {field}={meta.get(field)!r}, but "
-                         f"config.{field}={getattr(self.config, field)!r}; use a new --workdir "
-                         "or the original config.")
+    if meta is not None:
+      theirs = {"method": meta.get("method"), "seed": meta.get("seed"), **meta.get("run", {})}
+      ours = {"method": self.method, "seed": self.config.seed, **self._identity()}
+      changed = [f"{k}: {theirs[k]} -> {ours[k]}" for k in theirs
+                 if k in ours and theirs[k] != ours[k]]
+      if changed:
+        raise errors.UserError(
+            f"{ckpt.directory} holds a run that differs from this config ({'; '.join(changed)}); "
+            "resume with the original config or use a new --workdir.")
     restored = ckpt.restore(ckpt_lib.abstract_like(self.state, self.state_sharding))
     if restored is None:
       return 0
@@ -603,53 +648,86 @@ class Trainer:
     logging.warning("SIGTERM: saving a checkpoint after this step, then exiting.")
     self._stop_requested = True
 
+  def _save(self, ckpt: ckpt_lib.Checkpointer, step: int):
+    """Saves the state after checking it is finite: only checked states become checkpoints."""
+    bad = ckpt_lib.nonfinite(self.state)
+    if bad:
+      raise errors.UserError(
+          f"the training state at step {step} holds non-finite values ({', '.join(bad[:3])}); "
+          f"not saved. The last good checkpoint (step {self._good_step or 'none'}) in "
+          f"{ckpt.directory} is intact; lower the learning rate and resume.")
+    ckpt.save(step, self.state, self._meta(step), force=True)
+    self._good_step = step
+
   def run(self) -> dict:
+    with lock_lib.WorkdirLock(self.workdir):
+      return self._run()
+
+  def _run(self) -> dict:
     config = self.config
     total = config.train.num_steps
     ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep_last=config.train.keep_last,
                                  keep_every=config.train.keep_every)
-    start = self._restore(ckpt)
+    try:
+      start = self._good_step = self._restore(ckpt)
+    except BaseException:
+      ckpt.close()
+      raise
+    if start >= total:
+      ckpt.close()
+      message = (f"the checkpoint in {ckpt.directory} is at step {start}, at or past "
+                 f"config.train.num_steps={total}: nothing to train (raise num_steps to go on).")
+      logging.warning(message)
+      return {"method": self.method, "steps": start, "nothing_to_do": message}
     writer = metrics_lib.MetricWriter(self.workdir, total, start)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     prefetch = data_lib.Prefetcher(self._host_batch, range(start, total))
-    last = {}
+    last, done = {}, start
     try:
       with jax.set_mesh(self.mesh):
         for step in range(start, total):
+          batch = prefetch.get(step, stop=lambda: self._stop_requested)
+          if batch is data_lib.STOPPED:  # SIGTERM while waiting for the teacher
+            break
           done = step + 1
           log = done % config.train.log_every == 0 or done == total
-          metrics = self._iteration(step, prefetch.get(step))
-          rejected = int(self.state["student"]["opt"].notfinite_count)
+          metrics = self._iteration(step, batch)
+          rejected = max(int(s["opt"].notfinite_count) for s in self.state.values()
+                         if isinstance(s, dict) and "opt" in s)
           if rejected:
-            logging.warning("step %d: non-finite student loss or gradient, update rejected "
+            logging.warning("step %d: non-finite loss, gradient or parameters, update rejected "
                             "(%d in a row).", step, rejected)
           if rejected >= config.train.max_nonfinite:
-            raise FloatingPointError(
+            raise errors.UserError(
                 f"{rejected} consecutive non-finite updates at step {step}; stopping. The last "
-                f"good checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) in "
-                f"{ckpt.directory} is intact.")
+                f"good checkpoint (step {self._good_step or 'none'}, checked finite) in "
+                f"{ckpt.directory} is intact; lower the learning rate or check the data, then "
+                "resume.")
           evaluate = config.train.eval_every and done % config.train.eval_every == 0
           if evaluate and done < total:
             metrics.update(self.evaluate(done, write=False))
           if log or evaluate:
             last = writer.write(done, dict(metrics, **self._pop_diagnostics()))
           self._debug_signal(done)
-          if (done == total or self._stop_requested or (config.train.checkpoint_every and
-                                                        done % config.train.checkpoint_every == 0)):
-            ckpt.save(done, self.state, self._meta(done), force=True)
+          if self._stop_requested or done == total or (
+              config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
+            self._save(ckpt, done)
           if self._stop_requested:
-            ckpt.wait()
-            logging.warning("stopped after step %d on SIGTERM; resume with the same command.",
-                            done)
-            return {"stopped_at": done, **last}
+            break
+        if self._stop_requested:
+          if done > self._good_step:
+            self._save(ckpt, done)
+          ckpt.wait()
+          logging.warning("stopped after step %d on SIGTERM; resume with the same command.", done)
+          return {"stopped_at": done, **last}
         if config.train.export:  # every host writes its shards
           logging.info("exported the EMA student to %s", self.export(config.train.export))
         samples = self.evaluate(total)
     finally:
-      prefetch.close()
+      prefetch.close(wait=not self._stop_requested)
       signal.signal(signal.SIGTERM, previous)
-      ckpt.close()
       writer.close()
+      ckpt.close()
     summary = {"method": self.method, "steps": total, "state_digest": self.digest(), **last,
                **samples}
     if jax.process_index() == 0:

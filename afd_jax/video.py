@@ -16,6 +16,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from afd_jax import errors
+
 
 def latents_to_frames(latents, channels=(0, 1, 2), upscale: int = 8) -> np.ndarray:
   """``[F, H, W, C]`` latents -> ``[F, H*upscale, W*upscale, 3]`` uint8 frames."""
@@ -45,7 +47,7 @@ def tile(videos: np.ndarray, pad: int = 2) -> np.ndarray:
   return out
 
 
-class VideoError(ValueError):
+class VideoError(errors.UserError):
   """A video file that cannot be used: missing, unreadable, corrupt, or not uint8 RGB frames."""
 
 
@@ -126,7 +128,7 @@ def fit(frames: np.ndarray, num_frames: int, height: int, width: int, mode: str)
   (``crop``, aspect kept) or resized to it (``stretch``). ``exact`` changes nothing. A video that
   cannot fit (too few frames, or any difference under ``exact``) raises ``VideoError``."""
   if mode not in FITS:
-    raise ValueError(f"fit mode {mode!r} is not one of {list(FITS)}.")
+    raise errors.UserError(f"fit mode {mode!r} is not one of {list(FITS)}.")
   t, h, w = frames.shape[:3]
   if (t, h, w) == (num_frames, height, width):
     return frames

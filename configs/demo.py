@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
   c.mode = "experiment"
   c.method = "afd"
   c.model.checkpoint = BASE_CHECKPOINT
-  c.model.overrides = ml_collections.ConfigDict(dict(
+  c.model.overrides.update(dict(
       dim=128, ffn_dim=256, num_heads=4, num_layers=3, freq_dim=64, in_dim=12, out_dim=12,
       text_dim=32, text_len=16))
   c.disc.readout_layers = (1, 2)

@@ -6,6 +6,7 @@ line, e.g. ``--config.method=sft --config.train.num_steps=50``.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -21,7 +22,13 @@ def get_config():
   c.model.attention_kernel = "auto"
   c.model.scan_layers = True
   c.model.remat_policy = "none"
-  c.model.overrides = ml_collections.ConfigDict()  # WanConfig fields over the preset (random init)
+  # WanConfig architecture fields over the preset (random init); None keeps the preset's value.
+  c.model.overrides = ml_collections.ConfigDict(
+      {**{k: config_dict.placeholder(int) for k in ("dim", "ffn_dim", "num_heads", "num_layers",
+                                                    "in_dim", "out_dim", "freq_dim", "text_dim",
+                                                    "text_len")},
+       "patch_size": config_dict.placeholder(tuple), "eps": config_dict.placeholder(float),
+       "qk_norm": config_dict.placeholder(bool), "cross_attn_norm": config_dict.placeholder(bool)})
 
   c.disc = ml_collections.ConfigDict()
   c.disc.checkpoint = ""               # trunk weights; empty: a copy of the student
@@ -45,6 +52,7 @@ def get_config():
   c.data.store = ""                    # teacher store (build_teacher_store --out)
   c.data.teacher_url = ""              # http: POST {"prompts", "seed"} -> .npy videos
   c.data.teacher_callable = ""         # callable: "module:function(prompts, seed) -> videos"
+  c.data.teacher_timeout_s = 600.0     # http: seconds one request may take before it is an error
   c.data.teacher_cache = ""            # online teachers' cache; empty: WORKDIR/teacher_cache
   c.data.prompts = ""                  # online teachers: .txt / .jsonl prompts
   c.data.encoder = "pixels"            # video -> latents (video teachers): pixels | wan_vae

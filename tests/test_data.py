@@ -8,6 +8,7 @@ import pytest
 
 from afd_jax import data as data_lib
 from afd_jax import encoders
+from afd_jax import errors
 from afd_jax import teachers
 from afd_jax.models import wan
 from afd_jax.teachers import physics
@@ -142,3 +143,31 @@ def test_online_teacher_from_the_config_asks_each_video_once(tmp_path):
   td = teachers.from_config(c, student)       # a restart: the disk cache answers
   td.source.latents(np.arange(8), 5)
   assert small_teacher.calls == 8              # each prompt once (the shape probe included)
+
+
+def test_a_stop_request_ends_a_wait_on_a_hanging_reader():
+  """SIGTERM while the teacher hangs: ``get`` returns ``STOPPED`` instead of waiting forever."""
+  release = threading.Event()
+  stop = threading.Event()
+  prefetcher = data_lib.Prefetcher(lambda s: release.wait() and s, range(3))
+  threading.Timer(0.3, stop.set).start()
+  assert prefetcher.get(0, stop=stop.is_set) is data_lib.STOPPED
+  release.set()
+  prefetcher.close()
+
+
+def test_online_teacher_config_errors_name_the_file_line_and_module(tmp_path):
+  c = tiny.get_config()
+  student = wan.preset("tiny", in_dim=12, out_dim=12)
+  (tmp_path / "prompts.jsonl").write_text('{"prompt": "one red ball"}\n{"prompt": 3}\n')
+  c.data.update(teacher="callable", teacher_callable="test_data:small_teacher",
+                prompts=str(tmp_path / "prompts.jsonl"), teacher_cache=str(tmp_path / "cache"))
+  with pytest.raises(errors.UserError, match=r"prompts.jsonl:2 is not a JSON object"):
+    teachers.from_config(c, student)
+  (tmp_path / "prompts.txt").write_text("one red ball\n")
+  c.data.prompts = str(tmp_path / "prompts.txt")
+  for spec, message in (("no_such_module:fn", "module 'no_such_module' cannot be imported"),
+                        ("test_data:no_such_fn", "has no 'no_such_fn'")):
+    c.data.teacher_callable = spec
+    with pytest.raises(errors.UserError, match=message):
+      teachers.from_config(c, student)

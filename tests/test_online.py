@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_callable_teacher_rejects_bad_videos(tmp_path, answer, match):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-  """Answers by path: /ok videos, /fail HTTP 500, /json a wrong content type, /float floats."""
+  """Answers by path: /ok videos, /fail HTTP 500, /json a wrong content type, /float floats,
+  /hang nothing for 2 s."""
 
   requests: list = []
 
@@ -84,6 +86,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     self.requests.append((self.path, body))
     if self.path == "/fail":
       self.send_error(500, "model exploded")
+      return
+    if self.path == "/hang":  # connected, never answers in time
+      time.sleep(2)
       return
     videos = render(body["prompts"], body["seed"])
     payload = npy_bytes(videos.astype(np.float32) if self.path == "/float" else videos)
@@ -141,5 +146,7 @@ def test_http_teacher_errors(server, tmp_path):
     closed = f"http://127.0.0.1:{s.getsockname()[1]}"
   with pytest.raises(online.TeacherError, match="could not be reached"):
     online.HTTPTeacher(closed, tmp_path / "closed", timeout=5)(["a"], 0)
+  with pytest.raises(online.TeacherError, match=r"did not answer within 0.3s.*teacher_timeout_s"):
+    online.HTTPTeacher(server + "/hang", tmp_path / "hang", timeout=0.3)(["a"], 0)
   with pytest.raises(ValueError, match="http://"):
     online.HTTPTeacher("127.0.0.1:80", tmp_path)

@@ -73,5 +73,10 @@ def test_plan_refuses_a_mesh_the_model_does_not_divide(tmp_path):
       [sys.executable, "-m", "afd_jax.tools.plan", "--config=tests/small_config.py", "--devices=8",
        "--config.mesh.num_devices=8", "--config.mesh.data=1", "--config.mesh.tensor=8"],
       cwd=ROOT, capture_output=True, text=True)
-  assert run.returncode != 0
+  assert run.returncode == 2 and "Traceback" not in run.stderr
   assert "mesh.tensor=8 does not divide the 4 attention heads" in run.stderr
+  zero = subprocess.run([sys.executable, "-m", "afd_jax.tools.plan",
+                         "--config=tests/small_config.py", "--devices=0"],
+                        cwd=ROOT, capture_output=True, text=True)
+  assert zero.returncode == 2 and zero.stderr.strip() == (
+      "afd_jax: --devices=0 must be a positive number of chips (the target's).")

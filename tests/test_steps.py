@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -131,3 +132,18 @@ def test_micro_batches_accumulate_the_full_batch_gradient(tiny_model, batch):
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):  # divide differences by sigma
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
   assert float(disc_out[1][2]["metrics"]["disc/r1"]) > 0
+
+
+def test_a_nonfinite_update_of_finite_gradients_is_rejected():
+  """``apply_if_finite`` checks gradients only; an infinite learning rate turns finite gradients
+  into non-finite parameters. ``guarded_update`` keeps parameters and optimizer state and counts
+  the step as rejected, like a non-finite gradient."""
+  params = {"w": jnp.ones((3,))}
+  grads = {"w": jnp.full((3,), 0.5)}
+  for lr, rejected in ((1e-2, 0), (jnp.inf, 1)):
+    tx = optax.apply_if_finite(optax.adamw(lr), max_consecutive_errors=5)
+    opt = tx.init(params)
+    new, new_opt, _ = steps.guarded_update(tx, grads, opt, params)
+    assert int(new_opt.notfinite_count) == rejected
+    assert bool(jnp.isfinite(new["w"]).all())
+    assert bool((new["w"] == params["w"]).all()) == bool(rejected)

@@ -7,8 +7,11 @@ Runs share a persistent compilation cache (set in conftest), so repeated program
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -17,6 +20,7 @@ import pytest
 
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data
+from afd_jax import errors
 from afd_jax import train
 from afd_jax import video
 from afd_jax.models import wan, wan_checkpoint
@@ -60,10 +64,29 @@ def _run(workdir, **overrides):
     ("afd.exit_step", "first", "exit_step"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
+    ("train.keep_last", 0, "keep_last=0 must be an integer >= 1"),
+    ("train.log_every", 0, "log_every"),
+    ("train.eval_every", -1, "eval_every"),
+    ("train.checkpoint_every", -2, "checkpoint_every"),
+    ("train.max_nonfinite", 0, "max_nonfinite"),
+    ("train.micro_batches", 0, "micro_batches"),
+    ("optim.student.lr", 0.0, r"optim.student.lr=0.0 must be a finite number > 0"),
+    ("optim.student.lr", -1e-4, "optim.student.lr"),
+    ("optim.student.lr", float("nan"), "optim.student.lr=nan"),
+    ("optim.disc.lr", float("inf"), "optim.disc.lr=inf must be a finite number >= 0"),
+    ("data.batch_size", 0, "data.batch_size=0 must be positive"),
+    ("data.num_frames", 0, "data.num_frames=0 must be positive"),
+    ("rollout.chunk_frames", 0, "rollout.chunk_frames=0 must be positive"),
+    ("data.height", -2, "data.height=-2 must be positive"),
 ])
 def test_config_errors_name_the_field(key, value, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.UserError, match=message) as e:
     train.validate(small_config(**{key: value}))
+  assert "\n" not in str(e.value)  # one problem, one line
+
+
+def test_a_zero_discriminator_lr_is_an_ablation_not_an_error():
+  train.validate(small_config(**{"optim.disc.lr": 0.0}))
 
 
 def test_group_size_needs_rollouts_and_the_oracle_needs_the_physics_teacher():
@@ -185,21 +208,96 @@ def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
   assert list((tmp_path / "straight" / "tensorboard").iterdir())
   assert Path(reference["samples"]).exists()
 
-  with pytest.raises(ValueError, match="method='afd'"):
+  interrupted = [json.loads(l)["step"] for l in (work / "metrics.jsonl").read_text().splitlines()]
+  assert interrupted == [1, 2, 3, 4]  # rows past each restored step were replaced, not repeated
+
+  with pytest.raises(errors.UserError, match="method: afd -> sft"):
     train.Trainer(small_config(method="sft"), work).run()
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-  trainer = train.Trainer(small_config(method="sft"), tmp_path)
-  trainer.run()
-  latest = tmp_path / "checkpoints" / "4" / "state"
-  for f in latest.rglob("*"):
+HANGING_TEACHER = """
+import os, time
+from afd_jax.teachers import physics
+
+def teacher(prompts, seed):
+  if os.path.exists(os.environ["AFD_TEST_HANG"]):
+    time.sleep(3600)  # a teacher service that stopped answering
+  return physics.PhysicsTeacher(physics.PhysicsWorld(size=8, num_frames=3))(prompts, seed)
+"""
+
+
+def test_sigterm_while_the_teacher_hangs_saves_and_exits_and_a_second_run_is_refused(tmp_path):
+  """A run on an online teacher that stops answering: a second trainer on the same workdir is
+  refused in one line naming the first; SIGTERM still saves a checkpoint and exits promptly."""
+  (tmp_path / "hanging_teacher.py").write_text(HANGING_TEACHER)
+  (tmp_path / "prompts.txt").write_text("\n".join(physics.sample_prompts(12, max_balls=1)))
+  hang, work = tmp_path / "hang", tmp_path / "run"
+  args = [sys.executable, "-m", "afd_jax.main", "--config=configs/tiny.py", f"--workdir={work}",
+          *_flags({"method": "sft", "data.teacher": "callable",
+                   "data.teacher_callable": "hanging_teacher:teacher",
+                   "data.prompts": tmp_path / "prompts.txt", "data.teacher_samples": 0,
+                   "data.teacher_cache": tmp_path / "cache", "data.num_eval_prompts": 2,
+                   "data.text_length": 16, "data.encoder_patch": 2, "data.num_frames": 3,
+                   "data.height": 4, "data.width": 4, "data.batch_size": 2,
+                   "model.overrides.in_dim": 12, "model.overrides.out_dim": 12,
+                   "train.num_steps": 1000, "train.checkpoint_every": 0, "mesh.num_devices": 1})]
+  env = dict(os.environ, AFD_TEST_HANG=str(hang),
+             PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+  first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    metrics_file = work / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2):
+      assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+      time.sleep(0.2)
+    hang.touch()
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [l for l in second.stderr.splitlines() if l.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+    assert f"is in use by another run (pid {first.pid} on " in lines[0]
+    time.sleep(2)  # the trainer has used its prefetched batches and waits for the teacher
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=60)
+  finally:
+    first.kill()
+  assert first.returncode == 0, stderr[-3000:]
+  stopped = int(re.search(r"stopped after step (\d+) on SIGTERM", stderr).group(1))
+  assert ckpt_lib.Checkpointer(work / "checkpoints").steps() == [stopped]
+
+
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_continues(tmp_path, caplog):
+  """Step 4 is damaged: the resumed run restores step 2, moves step 4 aside (kept, and says
+  where), trains through step 4 again and on to 6, and a later resume finds step 6."""
+  train.Trainer(small_config(method="sft"), tmp_path).run()
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"corrupt")
-  again = train.Trainer(small_config(method="sft"), tmp_path)
-  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
-  assert again._restore(ckpt) == 2
-  ckpt.close()
+  with caplog.at_level(logging.ERROR):
+    summary = train.Trainer(small_config(method="sft", **{"train.num_steps": 6}), tmp_path).run()
+  assert summary["steps"] == 6
+  assert "checkpoints_damaged/4" in caplog.text
+  assert (tmp_path / "checkpoints_damaged" / "4" / "state").is_dir()
+  assert ckpt_lib.Checkpointer(tmp_path / "checkpoints").steps()[-2:] == [4, 6]
+  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+  samples = sorted((tmp_path / "samples").rglob("*"))
+  again = train.Trainer(small_config(method="sft", **{"train.num_steps": 4}), tmp_path)
+  assert "nothing to train" in again.run()["nothing_to_do"]
+  assert sorted((tmp_path / "samples").rglob("*")) == samples  # nothing else is written
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_resume_with_another_model_or_batch_says_what_changed(tmp_path):
+  train.Trainer(small_config(method="sft", **{"train.num_steps": 2}), tmp_path).run()
+  for change, message in (({"model.overrides.dim": 128, "model.overrides.ffn_dim": 256},
+                           "model.dim: 64 -> 128; model.ffn_dim: 128 -> 256"),
+                          ({"data.batch_size": 4}, "data.batch_size: 8 -> 4")):
+    cfg = small_config(method="sft", **{"train.num_steps": 4, **change})
+    with pytest.raises(errors.UserError, match=message):
+      train.Trainer(cfg, tmp_path).run()
+  assert not (tmp_path / "checkpoints_damaged").exists()  # not mistaken for damage
 
 
 def test_nonfinite_updates_are_rejected_then_stop_the_run(tmp_path):
@@ -210,8 +308,50 @@ def test_nonfinite_updates_are_rejected_then_stop_the_run(tmp_path):
   assert [l["student/rejected"] for l in lines] == [0.0, 1.0, 0.0]
 
   cfg = small_config(**{"debug.nan_at_step": 0, "train.max_nonfinite": 1})
-  with pytest.raises(FloatingPointError, match="checkpoint"):
+  with pytest.raises(errors.UserError, match="step none, checked finite"):
     train.Trainer(cfg, tmp_path / "stop").run()
+
+
+def test_an_overflowing_learning_rate_leaves_the_parameters_finite_and_stops(tmp_path):
+  """The gradients are finite but the update is not (1e39 passes the config's check as a Python
+  float and overflows float32): the parameters stay as they were, the step counts as rejected,
+  and a non-finite state is never saved as a checkpoint."""
+  cfg = small_config(method="sft", **{"optim.student.lr": 1e39, "train.max_nonfinite": 2})
+  trainer = train.Trainer(cfg, tmp_path)
+  before = trainer.copy(trainer.state["student"]["params"])
+  with pytest.raises(errors.UserError, match="2 consecutive non-finite updates"):
+    trainer.run()
+  assert not ckpt_lib.nonfinite(trainer.state)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.state["student"]["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert not ckpt_lib.Checkpointer(tmp_path / "checkpoints").steps()
+
+  trainer.state["student"]["params"] = jax.tree.map(lambda x: x * np.nan,
+                                                    trainer.state["student"]["params"])
+  trainer._good_step = 0
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+  with pytest.raises(errors.UserError, match="non-finite values.*not saved"):
+    trainer._save(ckpt, 1)
+  ckpt.close()
+  assert not ckpt_lib.Checkpointer(tmp_path / "checkpoints").steps()
+
+
+def test_a_failed_save_stops_the_run_in_one_line_and_keeps_the_earlier_step(tmp_path,
+                                                                            monkeypatch):
+  import orbax.checkpoint as ocp
+  real = ocp.CheckpointManager.save
+
+  def disk_full_at_4(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(28, "No space left on device")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_at_4)
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 4.*No space left.*intact") as e:
+    train.Trainer(small_config(method="sft"), tmp_path).run()
+  assert "\n" not in str(e.value)
+  monkeypatch.undo()
+  assert ckpt_lib.Checkpointer(tmp_path / "checkpoints").steps() == [2]
 
 
 def test_afd_moves_the_student_toward_the_teacher(tmp_path):

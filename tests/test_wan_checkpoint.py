@@ -296,6 +296,28 @@ def test_corrupt_and_incomplete_files_are_reported(tmp_path):
     wan.from_pretrained(sharded)
 
 
+def test_malformed_json_and_nonfinite_weights_are_named(tmp_path):
+  bad_json = write_original(original_state_numpy(), tmp_path / "bad_json")
+  (bad_json / "config.json").write_text('{"_class_name": "WanModel", "dim": ')
+  with pytest.raises(wan_checkpoint.CheckpointError, match=r"bad_json/config.json is not readable"):
+    wan.from_pretrained(bad_json)
+
+  sd = original_state_numpy()
+  sd["blocks.1.ffn.0.bias"][3] = np.nan
+  with pytest.raises(wan_checkpoint.CheckpointError,
+                     match=r"/nan holds non-finite weights in 1 tensor.*\['blocks'\]\['ffn_in'\]"):
+    wan.from_pretrained(write_original(sd, tmp_path / "nan"))
+  model = wan.from_pretrained(write_original(original_state_numpy(), tmp_path / "ok"))
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda x: x.at[0].set(jnp.inf) if x.ndim else x, state)
+  dst = wan_checkpoint.save_converted(nnx.merge(graphdef, state), tmp_path / "inf")
+  with pytest.raises(wan_checkpoint.CheckpointError, match="inf holds non-finite weights"):
+    wan.from_pretrained(dst)
+  (dst / wan_checkpoint.CONVERTED_MARKER).write_text("not json")
+  with pytest.raises(wan_checkpoint.CheckpointError, match="afd_wan.json is not readable JSON"):
+    wan.from_pretrained(dst)
+
+
 def test_pt_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
   (tmp_path / "student.pt").write_bytes(b"not read")

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from afd_jax import errors
 from afd_jax.eval import frechet, motion, physics, quality, tracking
 from afd_jax.teachers.physics import PhysicsWorld
 
@@ -45,7 +46,7 @@ def evaluate(videos, prompts: Sequence[str], *, reference=None,
   """
   videos = tracking.check_videos(videos)
   if len(videos) != len(prompts):
-    raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts.")
+    raise errors.UserError(f"{len(videos)} videos but {len(prompts)} prompts.")
   rows = [_video_metrics(v, p, world, chunk_frames) for v, p in zip(videos, prompts)]
   out = physics.mean_rows(rows)
   if reference is not None:
@@ -76,7 +77,7 @@ def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
   system; ``*`` marks the best system on each row that has a direction."""
   systems = list(report)
   if not systems:
-    raise ValueError("format_table needs at least one system's metrics.")
+    raise errors.UserError("format_table needs at least one system's metrics.")
   present = {k for metrics in report.values() for k in metrics}
   keys = [k for k in BETTER if k in present] + sorted(present - set(BETTER))
   rows = [["metric", "better", *systems]]
@@ -102,11 +103,11 @@ def sample_grid(videos_by_system: Mapping[str, np.ndarray], pad: int = 2,
   on the left), a column per prompt (index order), ``pad`` grey pixels between tiles; ``scale``
   enlarges tiles by pixel repetition. All systems need the same ``[N, T, H, W, 3]`` shape."""
   if not videos_by_system:
-    raise ValueError("sample_grid needs at least one system.")
+    raise errors.UserError("sample_grid needs at least one system.")
   arrays = {name: tracking.check_videos(v) for name, v in videos_by_system.items()}
   shapes = {name: v.shape for name, v in arrays.items()}
   if len(set(shapes.values())) != 1:
-    raise ValueError(f"every system needs the same [N, T, H, W, 3] videos, got {shapes}.")
+    raise errors.UserError(f"every system needs the same [N, T, H, W, 3] videos, got {shapes}.")
   n, t, h, w, _ = next(iter(shapes.values()))
   h, w = h * scale, w * scale
   font = ImageFont.load_default()
@@ -146,7 +147,7 @@ def plot_curves(source, keys: Sequence[str], out_png, x: str = "step") -> Path:
   seen = {k for records in runs.values() for r in records for k in r}
   missing = [k for k in keys if k not in seen]
   if not keys or missing:
-    raise ValueError(f"no record has keys {missing or '(none given)'}; available: "
+    raise errors.UserError(f"no record has keys {missing or '(none given)'}; available: "
                      f"{sorted(seen - {x})}.")
   fig = Figure(figsize=(6.0, 2.2 * len(keys)), layout="constrained")
   for i, key in enumerate(keys):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afd_jax import errors
 from afd_jax.models import attention as attn_lib
 from afd_jax.models import wan
 
@@ -30,10 +31,10 @@ class DiscriminatorConfig:
     layers = self.readout_layers
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0 \
         or max(layers) >= trunk.num_layers:
-      raise ValueError(f"readout_layers {layers} must be distinct block indices of the "
+      raise errors.UserError(f"readout_layers {layers} must be distinct block indices of the "
                        f"{trunk.num_layers}-block trunk.")
     if not 0 <= self.freeze_below <= min(layers):
-      raise ValueError(f"freeze_below={self.freeze_below} must lie in [0, {min(layers)}] "
+      raise errors.UserError(f"freeze_below={self.freeze_below} must lie in [0, {min(layers)}] "
                        "(readouts above a frozen block still need their inputs).")
 
 

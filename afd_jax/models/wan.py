@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afd_jax import errors
 from afd_jax import mesh as mesh_lib
 from afd_jax.models import attention as attn_lib
 
@@ -88,7 +89,7 @@ class WanConfig:
       except TypeError:
         problems.append(f"{name} {getattr(self, name)!r} is not a dtype")
     if problems:
-      raise ValueError("invalid WanConfig: " + "; ".join(problems) + ".")
+      raise errors.UserError("invalid WanConfig: " + "; ".join(problems) + ".")
 
   @property
   def head_dim(self) -> int:
@@ -121,9 +122,11 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> WanConfig:
+  """A named architecture with fields replaced; a None value (an unset config placeholder) keeps
+  the preset's."""
   if name not in PRESETS:
-    raise ValueError(f"unknown Wan preset {name!r}; choose one of {sorted(PRESETS)}.")
-  return PRESETS[name].replace(**overrides)
+    raise errors.UserError(f"unknown Wan preset {name!r}; choose one of {sorted(PRESETS)}.")
+  return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ class WanModel(nnx.Module):
     b, f = latents.shape[0], grid[0]
     t = self._frame_timesteps(timesteps, b, f)
     if attention not in attn_lib.MODES or attention == "kv_cache":
-      raise ValueError(f"attention must be one of bidirectional, block_causal, teacher_forcing "
+      raise errors.UserError(f"attention must be one of bidirectional, block_causal, teacher_forcing "
                        f"(use forward_cached for the KV cache), got {attention!r}.")
     text = self._text(context, text_kv, b)
     layout = self._layout(attention, chunk_frames, f, grid, window_frames, sink_frames)
@@ -401,7 +404,7 @@ class WanModel(nnx.Module):
     angles = rope_angles(cfg.head_dim, *grid)
     if attention == "teacher_forcing":
       if clean_latents is None or clean_latents.shape != latents.shape:
-        raise ValueError("teacher_forcing needs clean_latents with the shape of latents, got "
+        raise errors.UserError("teacher_forcing needs clean_latents with the shape of latents, got "
                          f"{None if clean_latents is None else clean_latents.shape} vs {latents.shape}.")
       tc = (jnp.zeros_like(t) if clean_timesteps is None
             else self._frame_timesteps(clean_timesteps, b, f))
@@ -425,7 +428,7 @@ class WanModel(nnx.Module):
     cfg = self.config
     layers = tuple(sorted(set(layers)))
     if not layers or layers[0] < 0 or layers[-1] >= cfg.num_layers:
-      raise ValueError(f"feature layers {layers} must be non-empty block indices in "
+      raise errors.UserError(f"feature layers {layers} must be non-empty block indices in "
                        f"[0, {cfg.num_layers}).")
     grid = self._check_latents(latents, "latents")
     b = latents.shape[0]
@@ -509,19 +512,19 @@ class WanModel(nnx.Module):
   def _check_latents(self, x, name):
     cfg = self.config
     if x.ndim != 5:
-      raise ValueError(f"{name} must be channel-last [B, F, H, W, C], got shape {x.shape}.")
+      raise errors.UserError(f"{name} must be channel-last [B, F, H, W, C], got shape {x.shape}.")
     if x.shape[-1] != cfg.in_dim:
-      raise ValueError(f"{name} have {x.shape[-1]} channels but the model expects "
+      raise errors.UserError(f"{name} have {x.shape[-1]} channels but the model expects "
                        f"in_dim={cfg.in_dim} (layout is channel-last [B, F, H, W, C]).")
     for size, p, what in zip(x.shape[1:4], cfg.patch_size, ("frames F", "height H", "width W")):
       if size % p:
-        raise ValueError(f"{name} {what}={size} is not divisible by the patch size {p} "
+        raise errors.UserError(f"{name} {what}={size} is not divisible by the patch size {p} "
                          f"(patch_size={cfg.patch_size}).")
     return tuple(s // p for s, p in zip(x.shape[1:4], cfg.patch_size))
 
   def _check_context(self, context):
     if context is None or context.ndim != 3 or context.shape[-1] != self.config.text_dim:
-      raise ValueError(f"context must be [B, L, text_dim={self.config.text_dim}], got "
+      raise errors.UserError(f"context must be [B, L, text_dim={self.config.text_dim}], got "
                        f"{None if context is None else context.shape}.")
 
   def _frame_timesteps(self, timesteps, b, f):
@@ -531,18 +534,18 @@ class WanModel(nnx.Module):
       return jnp.broadcast_to(t[:, None], (b, f))
     if t.ndim == 2 and t.shape == (b, f * pt):
       return t[:, ::pt]
-    raise ValueError(f"timesteps must be [B]={b} or per latent frame [B, F]=({b}, {f * pt}), "
+    raise errors.UserError(f"timesteps must be [B]={b} or per latent frame [B, F]=({b}, {f * pt}), "
                      f"got {t.shape}.")
 
   def _text(self, context, text_kv, b) -> KV:
     if text_kv is not None:
       if text_kv.k.ndim != 5 or text_kv.k.shape[:2] != (self.config.num_layers, b):
-        raise ValueError(f"text_kv must be [L={self.config.num_layers}, B={b}, T, H, D], got "
+        raise errors.UserError(f"text_kv must be [L={self.config.num_layers}, B={b}, T, H, D], got "
                          f"{text_kv.k.shape}.")
       return text_kv
     self._check_context(context)
     if context.shape[0] != b:
-      raise ValueError(f"context batch {context.shape[0]} != latents batch {b}.")
+      raise errors.UserError(f"context batch {context.shape[0]} != latents batch {b}.")
     return self.text_kv(context)
 
   def _layout(self, mode, chunk_frames, f, grid, window_frames, sink_frames):
@@ -550,16 +553,16 @@ class WanModel(nnx.Module):
     if mode == "bidirectional":
       return attn_lib.Layout(mode, kernel=kernel)
     if not chunk_frames or chunk_frames <= 0:
-      raise ValueError(f"attention {mode!r} needs chunk_frames > 0, got {chunk_frames}.")
+      raise errors.UserError(f"attention {mode!r} needs chunk_frames > 0, got {chunk_frames}.")
     if f % chunk_frames:
-      raise ValueError(f"{f} latent frames are not a multiple of chunk_frames={chunk_frames}.")
+      raise errors.UserError(f"{f} latent frames are not a multiple of chunk_frames={chunk_frames}.")
     per_frame = grid[1] * grid[2]
     window = None
     if window_frames:
       check_window(window_frames, sink_frames, chunk_frames)
       window = window_frames * per_frame
     elif sink_frames:
-      raise ValueError("sink_frames only applies together with window_frames.")
+      raise errors.UserError("sink_frames only applies together with window_frames.")
     return attn_lib.Layout(mode, chunk_frames * per_frame, window, sink_frames * per_frame, kernel)
 
   def _embed(self, latents):
@@ -619,7 +622,7 @@ def check_window(window_frames: int, sink_frames: int, chunk_frames: int):
   """Local attention needs whole chunks: sink and window multiples of the chunk, window > sink."""
   if (window_frames % chunk_frames or sink_frames % chunk_frames
       or window_frames < sink_frames + chunk_frames or sink_frames < 0):
-    raise ValueError(
+    raise errors.UserError(
         f"window_frames={window_frames} and sink_frames={sink_frames} must be multiples of "
         f"chunk_frames={chunk_frames} with window_frames >= sink_frames + chunk_frames.")
 

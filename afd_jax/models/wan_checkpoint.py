@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
+from afd_jax import errors
 from afd_jax.models import wan
 
 CONVERTED_MARKER = "afd_wan.json"
@@ -37,7 +38,7 @@ FORMAT_VERSION = 1
 _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint that cannot be read as a Wan2.1 transformer; the message says why and what to do."""
 
 
@@ -59,7 +60,7 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     with open(path, "rb") as fh:
       (n,) = struct.unpack("<Q", fh.read(8))
       if n <= 0 or 8 + n > size:
-        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        raise errors.UserError(f"header length {n} does not fit a {size}-byte file")
       header = json.loads(fh.read(n))
   except (struct.error, ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not a valid safetensors file ({e}); it may be truncated or "
@@ -331,17 +332,39 @@ def safetensor_files(directory: Path) -> list[Path]:
   return sorted(directory.glob("*.safetensors"))
 
 
+def read_json(path: Path) -> dict:
+  """A checkpoint's JSON (``config.json``, the converted marker), or one line naming the file."""
+  try:
+    value = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is not readable JSON ({e}); restore it from the source "
+                          "checkpoint.") from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object.")
+  return value
+
+
+def check_finite(pure: dict, source) -> dict:
+  """``pure`` (a nested dict of weights), or an error naming the weights that hold NaN or inf."""
+  from afd_jax import checkpoint as ckpt_lib
+  bad = ckpt_lib.nonfinite(pure)
+  if bad:
+    raise CheckpointError(f"{source} holds non-finite weights in {len(bad)} tensor(s), e.g. "
+                          f"{', '.join(bad[:3])}; it cannot be trained from.")
+  return pure
+
+
 def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
   """Returns ``(original-named state dict, architecture fields)`` for any supported layout."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"Wan checkpoint {path} does not exist.")
+    raise errors.MissingInput(f"Wan checkpoint {path} does not exist.")
   cfg_json = None
   if path.is_dir():
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
       path = path / "transformer"
     if (path / "config.json").exists():
-      cfg_json = json.loads((path / "config.json").read_text())
+      cfg_json = read_json(path / "config.json")
     files = safetensor_files(path)
     if not files:
       raise CheckpointError(
@@ -354,7 +377,7 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
   elif path.suffix == ".safetensors":
     sd = read_safetensors(path)
     if (path.parent / "config.json").exists():
-      cfg_json = json.loads((path.parent / "config.json").read_text())
+      cfg_json = read_json(path.parent / "config.json")
   elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
     sd = {strip_wrappers(k): v for k, v in read_torch(path, pt_key).items()}
   else:
@@ -384,7 +407,7 @@ def load(path, *, pt_key: str | None = None, num_heads: int | None = None, shard
     return load_converted(path, shardings=shardings, **runtime)
   sd, arch = read_state_dict(path, pt_key=pt_key, num_heads=num_heads)
   cfg = wan.WanConfig(**arch, **runtime)
-  return _merge(cfg, state_from_original(sd, cfg), shardings)
+  return _merge(cfg, check_finite(state_from_original(sd, cfg), path), shardings)
 
 
 def load_config(path, *, pt_key: str | None = None, num_heads: int | None = None,
@@ -431,7 +454,7 @@ def write_orbax(pure: dict, dst, marker: str, meta: dict) -> Path:
 
 def read_marker(path: Path, marker: str, format_name: str, version: int) -> dict:
   """The JSON beside a converted ``params/`` tree, checked for format and completeness."""
-  meta = json.loads((path / marker).read_text())
+  meta = read_json(path / marker)
   if meta.get("format") != format_name or meta.get("version") != version:
     raise CheckpointError(f"{path / marker} is format {meta.get('format')!r} v"
                           f"{meta.get('version')}; this afd_jax reads {format_name} v{version}.")
@@ -472,5 +495,5 @@ def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
                           nnx.to_pure_dict(state), shardings(state))
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, read_orbax(path, target))
+  nnx.replace_by_pure_dict(state, check_finite(read_orbax(path, target), path))
   return nnx.merge(graphdef, state)

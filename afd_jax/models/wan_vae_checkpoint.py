@@ -16,7 +16,6 @@ layouts are turned channel-last (conv kernels ``[O, I, t, h, w] -> [t, h, w, I, 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from afd_jax import errors
 from afd_jax.models import wan_checkpoint as io
 from afd_jax.models import wan_vae
 
@@ -196,7 +196,7 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
   """``(diffusers-named state dict, architecture fields)`` for any supported layout."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"Wan VAE checkpoint {path} does not exist; download {ORIGINAL_FILE} "
+    raise errors.MissingInput(f"Wan VAE checkpoint {path} does not exist; download {ORIGINAL_FILE} "
                             "(Wan-AI/Wan2.1-T2V-1.3B) or a diffusers pipeline's vae/ folder.")
   cfg_json, source = None, path
   if path.is_dir():
@@ -205,7 +205,7 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
     if (path / ORIGINAL_FILE).exists():
       return read_state_dict(path / ORIGINAL_FILE)
     if (path / "config.json").exists():
-      cfg_json = json.loads((path / "config.json").read_text())
+      cfg_json = io.read_json(path / "config.json")
       config_from_json(cfg_json, path)  # refuse a non-VAE folder before reading its weights
     files = io.safetensor_files(path)
     if not files:
@@ -219,7 +219,7 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
   elif path.suffix == ".safetensors":
     sd = io.read_safetensors(path)
     if (path.parent / "config.json").exists():
-      cfg_json = json.loads((path.parent / "config.json").read_text())
+      cfg_json = io.read_json(path.parent / "config.json")
   elif path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
     sd = io.read_torch(path, convert=CONVERT)
   else:

@@ -26,6 +26,7 @@ import numpy as np
 
 from afd_jax import data as data_lib
 from afd_jax import encoders as encoders_lib
+from afd_jax import errors
 
 KINDS = ("synthetic", "physics", "store", "callable", "http")
 
@@ -60,7 +61,7 @@ def _expect_latent_shape(config, shape) -> tuple[int, int, int, int]:
   d = config.data
   want = (d.num_frames, d.height, d.width)
   if tuple(shape[:3]) != want:
-    raise ValueError(f"the teacher's latents are [F, h, w, C] = {list(shape)} but the config "
+    raise errors.UserError(f"the teacher's latents are [F, h, w, C] = {list(shape)} but the config "
                      f"asks for data.num_frames, data.height, data.width = {list(want)}; set "
                      f"--config.data.num_frames={shape[0]} --config.data.height={shape[1]} "
                      f"--config.data.width={shape[2]} (and model in_dim/out_dim={shape[3]}).")
@@ -72,10 +73,31 @@ def _prompts_file(path) -> list[str]:
   import json
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"config.data.prompts={str(path)!r} does not exist (a .txt with one "
+    raise errors.MissingInput(f"config.data.prompts={str(path)!r} does not exist (a .txt with one "
                             "prompt per line, or a .jsonl with a 'prompt' field per line).")
-  lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-  return [json.loads(l)["prompt"] if path.suffix == ".jsonl" else l.strip() for l in lines]
+  try:
+    text = path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise errors.UserError(f"config.data.prompts={str(path)!r} cannot be read as UTF-8 text "
+                           f"({e}).") from e
+  prompts = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    if path.suffix != ".jsonl":
+      prompts.append(line.strip())
+      continue
+    try:
+      prompt = json.loads(line).get("prompt")
+    except (ValueError, AttributeError):
+      prompt = None
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise errors.UserError(f"{path}:{n} is not a JSON object with a non-empty string 'prompt': "
+                             f"{line[:80]!r}.")
+    prompts.append(prompt)
+  if not prompts:
+    raise errors.UserError(f"config.data.prompts={str(path)!r} holds no prompts.")
+  return prompts
 
 
 def physics_world(config, true_world: bool = False):
@@ -93,7 +115,7 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
   d = config.data
   text_dim = student_cfg.text_dim
   if d.teacher not in KINDS:
-    raise ValueError(f"config.data.teacher={d.teacher!r} is not one of {KINDS}.")
+    raise errors.UserError(f"config.data.teacher={d.teacher!r} is not one of {KINDS}.")
   if d.teacher == "synthetic":
     from afd_jax.teachers.synthetic import SyntheticTeacher
     pool = data_lib.PromptPool.random(d.num_prompts, d.text_length, text_dim, config.seed,
@@ -128,16 +150,15 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
     from afd_jax.teachers import online
     cache = Path(d.teacher_cache or Path(workdir or ".") / "teacher_cache")
     if d.teacher == "http":
-      teacher = online.HTTPTeacher(d.teacher_url, cache)
+      teacher = online.HTTPTeacher(d.teacher_url, cache, timeout=d.teacher_timeout_s)
     else:
-      module, _, name = d.teacher_callable.partition(":")
-      teacher = online.CallableTeacher(getattr(importlib.import_module(module), name), cache)
+      teacher = online.CallableTeacher(_import_callable(d.teacher_callable), cache)
     true_teacher = teacher
     prompts = _prompts_file(d.prompts)
     video_shape = tuple(np.asarray(teacher(prompts[:1], 0)).shape[1:])
   shape = _expect_latent_shape(config, encoder.latent_shape(video_shape))
   if shape[3] != student_cfg.in_dim:
-    raise ValueError(f"the {d.encoder!r} encoder makes {shape[3]}-channel latents but the student "
+    raise errors.UserError(f"the {d.encoder!r} encoder makes {shape[3]}-channel latents but the student "
                      f"takes in_dim={student_cfg.in_dim}; set model.overrides in_dim/out_dim.")
   pool = data_lib.PromptPool(text(prompts), prompts, num_eval=d.num_eval_prompts)
   source = data_lib.EncodedTeacher(teacher, prompts, encoder, d.teacher_samples, config.seed)
@@ -151,3 +172,19 @@ class _StoreSource:
 
   def latents(self, prompt_ids, step, draw: int = 0):
     return self.store.latents(prompt_ids, seed=self.seed * 1_000_003 + step, draw=draw)
+
+
+def _import_callable(spec: str):
+  """``module:function`` imported, or one line naming what is missing."""
+  module, _, name = spec.partition(":")
+  try:
+    fn = getattr(importlib.import_module(module), name)
+  except ModuleNotFoundError as e:
+    raise errors.UserError(f"config.data.teacher_callable={spec!r}: module {e.name!r} cannot be "
+                           "imported; install it or put its folder on PYTHONPATH.") from e
+  except AttributeError as e:
+    raise errors.UserError(f"config.data.teacher_callable={spec!r}: module {module!r} has no "
+                           f"{name!r}.") from e
+  if not callable(fn):
+    raise errors.UserError(f"config.data.teacher_callable={spec!r} is not callable.")
+  return fn

@@ -39,10 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from afd_jax import errors
+
 NPY_TYPE = "application/x-npy"
 
 
-class TeacherError(RuntimeError):
+class TeacherError(errors.UserError):
   """A teacher that failed, or answered something that is not the videos asked for."""
 
 
@@ -106,7 +108,7 @@ class CallableTeacher:
     """uint8 ``[B, T, H, W, 3]``, one video per prompt (repeated prompts share one)."""
     prompts, seed = list(prompts), int(seed)
     if not prompts:
-      raise ValueError("a teacher call needs at least one prompt.")
+      raise errors.UserError("a teacher call needs at least one prompt.")
     keys = {p: cache_key(p, seed) for p in prompts}
     missing = [p for p in keys if not self._path(keys[p]).exists()]
     if missing:
@@ -136,7 +138,7 @@ class HTTPTeacher(CallableTeacher):
 
   def __init__(self, url: str, cache_dir, timeout: float = 600.0):
     if not url.startswith(("http://", "https://")):
-      raise ValueError(f"teacher URL {url!r} must start with http:// or https://.")
+      raise errors.UserError(f"teacher URL {url!r} must start with http:// or https://.")
     self.url, self.timeout = url, timeout
     super().__init__(self._post, cache_dir)
 
@@ -156,10 +158,13 @@ class HTTPTeacher(CallableTeacher):
       detail = e.read(500).decode("utf-8", "replace").strip()
       raise TeacherError(f"teacher {self.url} answered HTTP {e.code} {e.reason} ({asked}): "
                          f"{detail or 'no body'}") from e
-    except (urllib.error.URLError, OSError) as e:  # refused, unresolvable, timed out
-      raise TeacherError(f"teacher {self.url} could not be reached ({asked}): "
-                         f"{getattr(e, 'reason', e)}; is the server running and the URL right "
-                         f"(timeout {self.timeout}s)?") from e
+    except (urllib.error.URLError, OSError) as e:
+      reason = getattr(e, "reason", e)
+      if isinstance(reason, TimeoutError):  # connected, but no answer in time: overloaded or hung
+        raise TeacherError(f"teacher {self.url} did not answer within {self.timeout:g}s ({asked}); "
+                           "raise config.data.teacher_timeout_s or check the server.") from e
+      raise TeacherError(f"teacher {self.url} could not be reached ({asked}): {reason}; is the "
+                         "server running and the URL right?") from e
     if content_type != NPY_TYPE:
       raise TeacherError(f"teacher {self.url} answered Content-Type {content_type!r} ({asked}); "
                          f"expected {NPY_TYPE} (np.save bytes of uint8 [B, T, H, W, 3]): "

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from afd_jax import errors
+
 COLORS = {"red": (235, 45, 45), "green": (40, 205, 60), "blue": (60, 100, 245),
           "yellow": (240, 225, 40), "magenta": (225, 55, 225), "cyan": (40, 225, 235),
           "white": (245, 245, 245)}
@@ -77,7 +79,7 @@ def parse_prompt(prompt: str) -> Scene:
   colors = tuple(c for c in re.split(r", | and ", m.group("colors"))) if m else ()
   if not m or any(c not in COLORS for c in colors) or len(colors) != COUNTS[m.group("count")] \
       or len(set(colors)) != len(colors):
-    raise ValueError(
+    raise errors.UserError(
         f"prompt {prompt!r} is not in the physics grammar: '<one|two|three> <distinct colours "
         f"from {sorted(COLORS)}> ball(s) <{'|'.join(DIRECTIONS)}>, <{'|'.join(GRAVITY)}> gravity, "
         f"<{'|'.join(BOUNCINESS)}>', e.g. 'two red and blue balls thrown left, strong gravity, "
@@ -93,7 +95,7 @@ def sample_prompts(n: int, seed: int = 0, max_balls: int = 3) -> list[str]:
   combos = sum(math.comb(len(names), k) for k in range(1, max_balls + 1)) * len(DIRECTIONS) \
       * len(GRAVITY) * len(BOUNCINESS)
   if not 1 <= max_balls <= 3 or n > combos:
-    raise ValueError(f"{n} distinct prompts with 1..{max_balls} balls requested; the grammar has "
+    raise errors.UserError(f"{n} distinct prompts with 1..{max_balls} balls requested; the grammar has "
                      f"{combos} (max_balls must be 1, 2 or 3).")
   out, seen = [], set()
   while len(out) < n:
@@ -202,7 +204,7 @@ class TextEncoder:
   def tokens(self, prompt: str) -> list[int]:
     words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", prompt.lower())
     if len(words) > self.length:
-      raise ValueError(f"prompt {prompt!r} has {len(words)} tokens; the text encoder takes "
+      raise errors.UserError(f"prompt {prompt!r} has {len(words)} tokens; the text encoder takes "
                        f"{self.length}. Raise data.text_length.")
     return [stable_hash(w) % self.vocab for w in words]
 

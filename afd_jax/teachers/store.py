@@ -36,6 +36,7 @@ from array_record.python import array_record_module
 
 from afd_jax import data as data_lib
 from afd_jax import encoders as encoders_lib
+from afd_jax import errors
 
 FORMAT = "afd_jax.teacher_store"
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ _RESERVED = ("format", "format_version", "latent_shape", "text_shape", "encoder"
              "shard_bytes")
 
 
-class StoreError(ValueError):
+class StoreError(errors.UserError):
   """A teacher store that is missing, incomplete, corrupt, or does not fit the run."""
 
 

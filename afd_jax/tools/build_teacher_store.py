@@ -28,15 +28,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from afd_jax import encoders, video
+from afd_jax import errors
 from afd_jax.teachers import physics
 from afd_jax.teachers import store as store_lib
 
@@ -89,17 +89,17 @@ def load_prompts(path: Path) -> list[Entry]:
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{where} is not JSON ({e}).") from e
+      raise errors.UserError(f"{where} is not JSON ({e}).") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
         or not obj["prompt"].strip():
-      raise ValueError(f"{where} needs an object with a non-empty string 'prompt'.")
+      raise errors.UserError(f"{where} needs an object with a non-empty string 'prompt'.")
     key = str(obj.get("id", n))
     videos = obj.get("videos")
     if videos is not None and not (isinstance(videos, list)
                                    and all(isinstance(v, str) for v in videos)):
-      raise ValueError(f"{where}: 'videos' must be a list of paths relative to --videos.")
+      raise errors.UserError(f"{where}: 'videos' must be a list of paths relative to --videos.")
     if key in keys or not re.fullmatch(r"[^/\\]+", key):
-      raise ValueError(f"{where}: id {key!r} is repeated or contains a path separator.")
+      raise errors.UserError(f"{where}: id {key!r} is repeated or contains a path separator.")
     keys.add(key)
     embedding = obj.get("embedding")
     entries.append(Entry(key, obj["prompt"], tuple(videos) if videos is not None else None,
@@ -242,20 +242,17 @@ def summary(builder: Builder, out: Path | None) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}")
   prompts, root, out = Path(_PROMPTS.value), Path(_VIDEOS.value), Path(_OUT.value)
   if not prompts.is_file() or not root.is_dir():
-    sys.exit(f"error: --prompts {prompts} must be a file and --videos {root} a folder.")
+    raise errors.UserError(f"--prompts {prompts} must be a file and --videos {root} a folder.")
   tiny = _TEXT.value == "tiny"
   if not tiny and not Path(_TEXT.value).is_dir():
-    sys.exit(f"error: --text_embeddings {_TEXT.value} is neither 'tiny' nor a folder.")
-  try:
-    store_lib.ensure_writable(out, _OVERWRITE.value)
-    entries = load_prompts(prompts)
-    encoder = encoders.from_options(_ENCODER.value, patch=_PATCH.value, vae=_VAE.value,
-                                    vae_chunk=_VAE_CHUNK.value, vae_tile=_VAE_TILE.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    raise errors.UserError(f"--text_embeddings {_TEXT.value} is neither 'tiny' nor a folder.")
+  store_lib.ensure_writable(out, _OVERWRITE.value)
+  entries = load_prompts(prompts)
+  encoder = encoders.from_options(_ENCODER.value, patch=_PATCH.value, vae=_VAE.value,
+                                  vae_chunk=_VAE_CHUNK.value, vae_tile=_VAE_TILE.value)
   index = index_videos(root)
   first = first_video(entries, root, index)
   shape = latent_shape = None  # stay None only when no video is readable: all are skipped
@@ -265,7 +262,7 @@ def main(argv):
     try:
       latent_shape = encoder.latent_shape(shape)
     except ValueError as e:
-      sys.exit(f"error: {e} Set --num_frames/--height/--width (or --patch) to fit.")
+      raise errors.UserError(f"{e} Set --num_frames/--height/--width (or --patch) to fit.") from e
   builder = Builder(entries, root, index, encoder,
                     physics.TextEncoder(_TEXT_DIM.value, _TEXT_LENGTH.value) if tiny else None,
                     None if tiny else Path(_TEXT.value), shape, _FIT.value)
@@ -283,7 +280,7 @@ def main(argv):
         name=_NAME.value, overwrite=_OVERWRITE.value, extra_json={"report.json": builder.report})
   except store_lib.StoreError as e:
     print(summary(builder, None))
-    sys.exit(f"error: {e}")
+    raise
   print(summary(builder, out))
   print(f"{out}: latents {list(latent_shape)}, text {list(builder.text_shape)}, video "
         f"{list(shape)}, built in {time.perf_counter() - t0:.1f}s")
@@ -291,4 +288,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["prompts", "videos", "out"])
-  app.run(main)
+  errors.run(main)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from afd_jax import errors
 from afd_jax.models import wan_checkpoint
 
 _PT_KEY = flags.DEFINE_string("pt_key", None, "State dict inside a .pt (default: generator_ema, "
@@ -23,7 +24,7 @@ _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Heads, for sources without
 
 def main(argv):
   if len(argv) != 3:
-    raise app.UsageError("usage: python -m afd_jax.tools.convert_wan SRC DST")
+    raise errors.UserError("usage: python -m afd_jax.tools.convert_wan SRC DST")
   src, dst = argv[1], argv[2]
   t0 = time.perf_counter()
   model = wan_checkpoint.load(src, pt_key=_PT_KEY.value, num_heads=_NUM_HEADS.value)
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -10,24 +10,24 @@ with ``wan_vae_checkpoint.load(DST)`` without torch, and is what ``config.data.v
 
 from __future__ import annotations
 
-import sys
 import time
 
-from absl import app, logging
+from absl import logging
 
+from afd_jax import errors
 from afd_jax.models import wan_checkpoint, wan_vae_checkpoint
 
 
 def main(argv):
   if len(argv) != 3:
-    raise app.UsageError("usage: python -m afd_jax.tools.convert_wan_vae SRC DST")
+    raise errors.UserError("usage: python -m afd_jax.tools.convert_wan_vae SRC DST")
   src, dst = argv[1], argv[2]
   t0 = time.perf_counter()
   try:
     vae = wan_vae_checkpoint.load(src)
     out = wan_vae_checkpoint.save_converted(vae, dst, source=src)
-  except (wan_checkpoint.CheckpointError, FileNotFoundError, FileExistsError, ImportError) as e:
-    sys.exit(f"error: {e}")
+  except (FileExistsError, ImportError) as e:
+    raise errors.UserError(str(e)) from e
   cfg = vae.config
   logging.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - t0)
   print(f"converted {src} -> {out}: base_dim={cfg.base_dim} z_dim={cfg.z_dim} "
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from afd_jax import errors
 from afd_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/physics_base", "Where both stages train.")
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

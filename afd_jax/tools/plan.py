@@ -26,6 +26,10 @@ def _emulate_devices(argv) -> None:
   """``--devices=N`` fake CPU devices; must run before jax is imported."""
   n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), None)
   if n is not None:
+    if not n.isdigit() or int(n) < 1:
+      print(f"afd_jax: --devices={n} must be a positive number of chips (the target's).",
+            file=sys.stderr)
+      sys.exit(2)  # errors.EXIT_CODE; jax must not be imported yet
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={int(n)}").strip()
@@ -40,9 +44,10 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from afd_jax import errors  # noqa: E402
 from afd_jax import flops as flops_lib  # noqa: E402
 from afd_jax import mesh as mesh_lib  # noqa: E402
 from afd_jax import train  # noqa: E402
@@ -209,11 +214,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if config.method not in train.METHODS:
-    raise app.UsageError(f"config.method={config.method!r} is not one of {train.METHODS}.")
-  try:
-    p = plan(config)
-  except ValueError as e:
-    sys.exit(f"afd_jax.tools.plan: {e}")
+    raise errors.UserError(f"config.method={config.method!r} is not one of {train.METHODS}.")
+  p = plan(config)
   print(format_table(p, _HBM.value))
   if _OUT.value:
     Path(_OUT.value).write_text(json.dumps(p, indent=2))
@@ -221,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)
