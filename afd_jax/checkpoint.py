@@ -135,6 +135,13 @@ class Checkpointer:
       self.manager.close()
 
 
+def has_checkpoints(directory) -> bool:
+  """Whether ``directory`` holds any step (cheap: a listing; whether it restores is another
+  matter)."""
+  directory = Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def nonfinite(tree) -> list[str]:
   """Key paths of the floating-point leaves of ``tree`` holding a NaN or an infinity (host arrays
   checked on the host, device arrays where they live)."""

@@ -37,7 +37,7 @@ def run(config, workdir) -> dict:
   workdir = Path(workdir)
   t0 = time.perf_counter()
   trainer = train.Trainer(config, workdir / config.method)
-  base_params = trainer.copy(trainer.state["student"]["params"])  # before any restore
+  base_params = trainer.initial_student()
   ids = trainer.eval_ids()
   reference = trainer.teacher_videos(ids, train.EVAL_SEED)
   seed = config.seed + train.EVAL_SEED

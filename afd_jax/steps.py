@@ -148,7 +148,8 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                    update: bool = True):
   """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``.
 
-  ``update=False`` only scores the pairs (a frozen discriminator after its warm-up).
+  ``update=False`` only scores the pairs (a frozen discriminator after its warm-up): the step
+  takes no optimizer state and returns only the outputs, not a copy of the discriminator.
   """
 
   def logits_fn(params, x, t, context):
@@ -200,10 +201,13 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                              "disc/accuracy": losses.bt_accuracy(teacher, student),
                              "disc/teacher_logit": jnp.mean(teacher),
                              "disc/student_logit": jnp.mean(student)})
-    return params, opt_state, {"teacher_logits": teacher, "student_logits": student,
-                               "metrics": metrics}
+    out = {"teacher_logits": teacher, "student_logits": student, "metrics": metrics}
+    return (params, opt_state, out) if update else out
 
-  return step
+  if update:
+    return step
+  return lambda params, x_teacher, x_student, context, key: step(
+      params, None, x_teacher, x_student, context, key)
 
 
 def advantage(teacher_logits, student_logits, cfg: AFDConfig):

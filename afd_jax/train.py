@@ -220,13 +220,20 @@ def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
 # Models and state.
 
 
+def model_runtime(config) -> dict:
+  """``config.model``'s runtime settings (WanConfig.RUNTIME_FIELDS but the parameter dtype), for
+  every Wan network the trainer builds: the student and the discriminator's trunk alike."""
+  m = config.model
+  return dict(dtype=m.dtype, attention_kernel=m.attention_kernel, scan_layers=m.scan_layers,
+              remat_policy=m.remat_policy)
+
+
 def build_student(config, shardings=None, abstract: bool = False) -> wan.WanModel:
   """The student from ``config.model``, each parameter placed by ``shardings`` (a callable from
   the abstract NNX state to a pure dict of shardings) as it is created or loaded. ``abstract``
   gives shapes and metadata only: a checkpoint's architecture is read, its weights are not."""
   m = config.model
-  runtime = dict(dtype=m.dtype, attention_kernel=m.attention_kernel, scan_layers=m.scan_layers,
-                 remat_policy=m.remat_policy)
+  runtime = model_runtime(config)
   cfg = (wan_checkpoint.load_config(m.checkpoint, **runtime) if m.checkpoint
          else wan.preset(m.preset, **runtime, **m.overrides))
   if abstract:
@@ -245,11 +252,12 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
                                      freeze_below=config.disc.freeze_below)
   path, seed = config.disc.checkpoint, config.seed + 1
-  trunk_cfg = wan_checkpoint.load_config(path) if path else student.config
+  runtime = model_runtime(config)
+  trunk_cfg = wan_checkpoint.load_config(path, **runtime) if path else student.config
   shapes = nnx.eval_shape(lambda: disc_lib.init(wan.WanModel(trunk_cfg, rngs=nnx.Rngs(0)), cfg))
   if abstract:
     return shapes
-  trunk = wan.from_pretrained(path, shardings=shardings) if path else student
+  trunk = wan.from_pretrained(path, shardings=shardings, **runtime) if path else student
   trunk_graph, trunk_state = nnx.split(trunk)
   graph, state = nnx.split(shapes)
   make = jax.jit(lambda t: nnx.to_pure_dict(nnx.state(disc_lib.init(nnx.merge(trunk_graph, t),
@@ -384,8 +392,7 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
     disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
     fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
                        donate_argnums=(0, 1), out_shardings=disc_out)
-    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False),
-                        out_shardings=disc_out)
+    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False))
   if config.method in GENERATOR:
     fns.train_rollout = rollout_lib.make_rollout(graph, rollout_config(config),
                                                  out_shardings=(batch, batch),
@@ -448,7 +455,9 @@ class Trainer:
     self.mesh = mesh_lib.mesh_from_config(config)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self._stop_requested = False
-    self.nets, self.state = build_state(config, self.mesh)
+    # Resuming: shapes and shardings only, restored into (a fresh state would double the memory).
+    self.nets, self.state = build_state(config, self.mesh, abstract=ckpt_lib.has_checkpoints(
+        self.workdir / "checkpoints"))
     self.state_sharding = self.nets.state_sharding
     self.student_graph = self.nets.student_graph
     self.student_cfg = self.nets.student_config
@@ -577,9 +586,12 @@ class Trainer:
     """One discriminator update on the (teacher, student) pairs (or, ``train=False``, only their
     scores); returns the pre-update logits and metrics."""
     disc = self.state["disc"]
-    fn = self.fns.disc if train else self.fns.score
-    params, opt, out = fn(disc["params"], disc["opt"], teacher, x_student, context, key)
-    self.state["disc"] = {"params": params, "opt": opt}
+    if train:
+      params, opt, out = self.fns.disc(disc["params"], disc["opt"], teacher, x_student, context,
+                                       key)
+      self.state["disc"] = {"params": params, "opt": opt}
+    else:
+      out = self.fns.score(disc["params"], teacher, x_student, context, key)
     out["metrics"]["disc/trained"] = float(train)
     return out
 
@@ -638,10 +650,26 @@ class Trainer:
             "resume with the original config or use a new --workdir.")
     restored = ckpt.restore(ckpt_lib.abstract_like(self.state, self.state_sharding))
     if restored is None:
+      if self.abstract:  # every step was damaged and moved aside: start afresh
+        self.state = build_state(self.config, self.mesh)[1]
       return 0
     step, self.state, _ = restored
     logging.info("resumed from step %d in %s", step, ckpt.directory)
     return step
+
+  @property
+  def abstract(self) -> bool:
+    """Whether the state is still shapes only (built to restore a checkpoint into)."""
+    return isinstance(jax.tree.leaves(self.state)[0], jax.ShapeDtypeStruct)
+
+  def initial_student(self):
+    """The student's parameters before any training: ``model.checkpoint`` or the seed's init
+    (built afresh when the state is waiting for a checkpoint)."""
+    if not self.abstract and int(self.state["step"]) == 0:
+      return self.copy(self.state["student"]["params"])
+    rules = mesh_lib.check_rules(self.config.logical_rules)
+    student = build_student(self.config, lambda s: mesh_lib.param_shardings(s, self.mesh, rules))
+    return nnx.to_pure_dict(nnx.state(student))
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
@@ -735,10 +763,15 @@ class Trainer:
     return summary
 
   def digest(self) -> str:
-    """SHA-256 over every array of the training state: equal digests, bit-identical runs."""
+    """SHA-256 over this process's shards of the training state (one replica of each, with its
+    place in the global array): equal digests on one topology, bit-identical runs. Nothing is
+    gathered, so it costs one shard at a time, not the whole state on every host."""
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(multihost_utils.process_allgather(self.state, tiled=True)):
-      h.update(np.ascontiguousarray(leaf).tobytes())
+    for leaf in jax.tree.leaves(self.state):
+      for shard in sorted((s for s in leaf.addressable_shards if s.replica_id == 0),
+                          key=lambda s: str(s.index)):
+        h.update(str(shard.index).encode())
+        h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
     return h.hexdigest()
 
   def _debug_signal(self, done: int):

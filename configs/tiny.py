@@ -64,7 +64,7 @@ def get_config():
   c.data.prompt_seed = 0               # physics: which grammar prompts
   c.data.num_prompts = 64              # training prompts
   c.data.num_eval_prompts = 8          # held-out prompts (evaluation, samples)
-  c.data.text_length = 8
+  c.data.text_length = 16              # the tiny preset's text_len (shorter contexts are zero-padded)
   c.data.batch_size = 8
   c.data.num_frames = 6                # latent frames
   c.data.height = 4                    # latent height

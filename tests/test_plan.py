@@ -80,3 +80,22 @@ def test_plan_refuses_a_mesh_the_model_does_not_divide(tmp_path):
                         cwd=ROOT, capture_output=True, text=True)
   assert zero.returncode == 2 and zero.stderr.strip() == (
       "afd_jax: --devices=0 must be a positive number of chips (the target's).")
+
+
+def test_plan_leaves_the_callers_config_alone(monkeypatch):
+  """A checkpoint missing on the planning machine is planned with the preset's architecture and
+  the CPU's stand-in kernel, on a copy: the caller's config is unchanged."""
+  seen = []
+
+  def stop(config, mesh, abstract):
+    seen.append((config.disc.checkpoint, config.model.attention_kernel))
+    raise StopIteration
+
+  monkeypatch.setattr(train, "build_state", stop)
+  c = get_config(**{"disc.checkpoint": "/not/here", "model.attention_kernel": "auto"})
+  try:
+    plan.plan(c)
+  except StopIteration:
+    pass
+  assert seen == [("", "blockwise")]
+  assert (c.disc.checkpoint, c.model.attention_kernel) == ("/not/here", "auto")

@@ -41,6 +41,13 @@ def test_disc_step_changes_only_the_discriminator_and_compiles_once(tiny_model, 
   assert out["teacher_logits"].shape == (2,) and np.isfinite(float(m["disc/loss"]))
   assert 0.0 <= float(m["disc/accuracy"]) <= 1.0
 
+  # A frozen discriminator's scoring step: the same scores, and only the scores (no state copy).
+  score = jax.jit(steps.make_disc_step(graphdef, tx, CFG, update=False))
+  scored = score(new, teacher, student_x, context, jax.random.key(2))
+  assert set(scored) == {"teacher_logits", "student_logits", "metrics"}
+  trained = fn(new, opt, teacher, student_x, context, jax.random.key(2))[2]
+  np.testing.assert_allclose(scored["teacher_logits"], trained["teacher_logits"], rtol=1e-6)
+
 
 def test_disc_training_separates_teacher_from_student(tiny_model, batch):
   teacher, student_x, context = batch

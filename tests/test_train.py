@@ -437,3 +437,19 @@ def test_training_reads_a_wan_vae_store_and_writes_decoded_samples(tmp_path, sma
   cfg.data.vae, cfg.data.height, cfg.data.width = str(small_vae), 6, 6
   with pytest.raises(ValueError, match="build_teacher_store"):
     train.Trainer(cfg, tmp_path / "mismatch")
+
+
+@pytest.mark.parametrize("abstract", [True, False])
+def test_the_discriminator_takes_the_models_runtime_settings(tmp_path, abstract):
+  """With ``disc.checkpoint`` set, the trunk is loaded with ``config.model``'s dtype, remat policy,
+  attention kernel and layer scan, as the student is (and as the planner plans it)."""
+  trunk = wan_checkpoint.save_converted(wan.init(wan.preset("tiny"), seed=5), tmp_path / "trunk")
+  cfg = small_config(**{"disc.checkpoint": str(trunk), "model.dtype": "bfloat16",
+                        "model.remat_policy": "full", "model.attention_kernel": "blockwise",
+                        "model.scan_layers": False})
+  student = train.build_student(cfg, abstract=abstract)
+  disc = train.build_discriminator(cfg, student, abstract=abstract)
+  for model in (student, disc.trunk):
+    c = model.config
+    assert (c.dtype, c.remat_policy, c.attention_kernel, c.scan_layers) == (
+        "bfloat16", "full", "blockwise", False)

@@ -80,6 +80,19 @@ def test_precomputed_text_kv_equals_context(tiny_model, fwd, inputs):
                              fwd(latents, t, context), atol=1e-6)
 
 
+def test_short_contexts_are_zero_padded_to_text_len_as_wan_does(tiny_model, fwd, inputs):
+  """7 of text_len = 16 rows given: the model pads with zero rows that still take part in
+  cross-attention, so the output is that of the explicitly padded context and not that of
+  attending to the given rows alone (the published model's convention)."""
+  latents, context = inputs
+  t = jnp.array([500.0, 10.0])
+  padded = jnp.pad(context, ((0, 0), (0, tiny_model.config.text_len - context.shape[1]), (0, 0)))
+  np.testing.assert_array_equal(fwd(latents, t, context), fwd(latents, t, padded))
+  assert tiny_model.text_kv(context).k.shape[2] == tiny_model.config.text_len
+  with pytest.raises(ValueError, match="more than the model's text_len=16"):
+    tiny_model.text_kv(jnp.zeros((2, 17, tiny_model.config.text_dim)))
+
+
 def _loss_and_grads(model, cfg, latents, context):
   graphdef = nnx.graphdef(wan.abstract(cfg))
   t = jnp.array([500.0, 700.0])

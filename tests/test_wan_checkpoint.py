@@ -138,6 +138,12 @@ def reference(tmp_path_factory):
   return model, root
 
 
+def _wan_padded(context, text_len=TINY_ORIGINAL["text_len"]):
+  """Wan's text convention, which diffusers leaves to its pipeline: zero rows up to text_len."""
+  context = np.asarray(context)
+  return np.pad(context, ((0, 0), (0, text_len - context.shape[1]), (0, 0)))
+
+
 def torch_forward(model, latents, t, context, mask=None):
   """diffusers forward on channel-last latents; per-frame ``t`` is expanded to per-token."""
   import torch
@@ -158,7 +164,7 @@ def torch_forward(model, latents, t, context, mask=None):
   with torch.no_grad():
     out = model(torch.from_numpy(np.asarray(latents)).permute(0, 4, 1, 2, 3),
                 timestep=torch.from_numpy(t),
-                encoder_hidden_states=torch.from_numpy(np.asarray(context))).sample
+                encoder_hidden_states=torch.from_numpy(_wan_padded(context))).sample
   return out.permute(0, 2, 3, 4, 1).numpy()
 
 

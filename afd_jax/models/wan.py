@@ -482,8 +482,17 @@ class WanModel(nnx.Module):
     return self._unpatchify(self.head(x, e), grid)
 
   def text_kv(self, context) -> KV:
-    """Per-layer cross-attention keys/values ``[L, B, T, H, D]``; compute once per prompt."""
+    """Per-layer cross-attention keys/values ``[L, B, text_len, H, D]``; compute once per prompt.
+
+    As Wan (and Self-Forcing) do inside the model, a context shorter than ``text_len`` is
+    zero-padded to it, and the padding rows, embedded like any other, take part in
+    cross-attention: umT5's trimmed embeddings give the published model's outputs."""
     self._check_context(context)
+    missing = self.config.text_len - context.shape[1]
+    if missing < 0:
+      raise errors.UserError(f"context has {context.shape[1]} text rows, more than the model's "
+                             f"text_len={self.config.text_len}; trim it to the model's length.")
+    context = jnp.pad(context, ((0, 0), (0, missing), (0, 0)))
     ctx = self.text_embedding(context.astype(self.text_embedding.linear_1.dtype))
     graphdef, state = nnx.split(self.blocks)
     return jax.lax.map(lambda s: nnx.merge(graphdef, s).cross_attn.key_value(ctx), state)

@@ -38,6 +38,7 @@ def _emulate_devices(argv) -> None:
 if __name__ == "__main__":
   _emulate_devices(sys.argv)
 
+import copy  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -135,7 +136,10 @@ def model_flops(config, cfg, latent_shape) -> dict:
 
 
 def plan(config) -> dict:
-  """Compiles each step for the config's mesh and returns the per-device figures."""
+  """Compiles each step for the config's mesh and returns the per-device figures. ``config`` is
+  left as given: a checkpoint not on this machine is planned with the preset's architecture (the
+  runtime settings, which every network takes from ``config.model``, are unchanged)."""
+  config = copy.deepcopy(config)
   for field in ("model", "disc"):
     path = config[field].checkpoint
     if path and not Path(path).exists():
