@@ -23,10 +23,11 @@ from pathlib import Path
 import jax
 from absl import logging
 
+from afd_jax import evaluation
 from afd_jax import train
 from afd_jax import video
 
-TEACHER_SEED = train.EVAL_SEED + 1  # the teacher's own row: other samples of the same prompts
+TEACHER_SEED = evaluation.SEED + 1  # the teacher's own row: other samples of the same prompts
 CURVES = (("disc/accuracy", "disc/bt_loss"), ("r/mean", "adv/clipped_frac"),
           ("nft/loss", "reg/loss", "fm/loss"), ("eval/physics_error",),
           ("eval/frechet_distance",))
@@ -38,29 +39,29 @@ def run(config, workdir) -> dict:
   t0 = time.perf_counter()
   trainer = train.Trainer(config, workdir / config.method)
   base_params = trainer.initial_student()
-  ids = trainer.eval_ids()
-  reference = trainer.teacher_videos(ids, train.EVAL_SEED)
-  seed = config.seed + train.EVAL_SEED
+  ids = trainer.evaluator.eval_ids()
+  reference = trainer.evaluator.teacher_videos(ids, evaluation.SEED)
+  seed = config.seed + evaluation.SEED
   videos = {}
   for system in config.experiment.systems:
     if system == "base":
-      videos[system] = trainer.student_videos(base_params, ids, seed)
+      videos[system] = trainer.evaluator.student_videos(base_params, ids, seed)
     elif system == "teacher":
-      videos[system] = trainer.teacher_videos(ids, TEACHER_SEED)
+      videos[system] = trainer.evaluator.teacher_videos(ids, TEACHER_SEED)
   name = config.experiment.name or config.method
   if name in config.experiment.systems:
     summary = trainer.run()
-    videos[name] = trainer.student_videos(trainer.state["student"]["ema"], ids, seed)
+    videos[name] = trainer.evaluator.student_videos(trainer.state["student"]["ema"], ids, seed)
   else:
     summary = {}
   videos = {s: videos[s] for s in config.experiment.systems if s in videos}  # config order
-  report = {name: trainer.score(v, ids, reference) for name, v in videos.items()}
+  report = {name: trainer.evaluator.score(v, ids, reference) for name, v in videos.items()}
 
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     n = config.data.batch_size
-    grid = eval_report.sample_grid({s: trainer.viewable(v[:n]) for s, v in videos.items()})
+    grid = eval_report.sample_grid({s: trainer.evaluator.viewable(v[:n]) for s, v in videos.items()})
     video.write_gif(grid, workdir / "samples" / "systems.gif", fps=config.output.fps)
     video.write_mp4(grid, workdir / "samples" / "systems.mp4", fps=config.output.fps)
     metrics_file = workdir / config.method / "metrics.jsonl"

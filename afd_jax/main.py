@@ -28,7 +28,9 @@ from afd_jax import distributed
 from afd_jax import errors
 from afd_jax import experiment
 from afd_jax import lock
+from afd_jax import methods
 from afd_jax import rollout as rollout_lib
+from afd_jax import state as state_lib
 from afd_jax import train
 from afd_jax import video
 
@@ -58,9 +60,9 @@ def log_environment():
 
 def run_rollout(config, workdir: Path) -> dict:
   r = config.data
-  rcfg = train.rollout_config(config)
+  rcfg = methods.rollout_config(config)
   rollout_lib.plan_cache(r.num_frames, rcfg)  # validates frames / window before compiling
-  model = train.build_student(config)
+  model = state_lib.build_student(config)
   cfg = model.config
   latent_shape = (r.num_frames, r.height, r.width, cfg.in_dim)
   model._check_latents(jnp.zeros((1, *latent_shape)), "rollout latents")
@@ -121,7 +123,7 @@ def main(argv):
     raise errors.UserError(f"--workdir={workdir} is a file; give a folder (it is created if "
                            "missing).")
   if config.mode != "rollout":
-    train.validate(config)
+    methods.validate(config)
   workdir.mkdir(parents=True, exist_ok=True)
   with lock.WorkdirLock(workdir):  # one run per workdir, refused before anything is built
     run(config, workdir)

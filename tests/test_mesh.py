@@ -7,7 +7,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from afd_jax import mesh as mesh_lib
+from afd_jax import methods
+from afd_jax import state as state_lib
 from afd_jax import train
+from afd_jax.models import wan
 from conftest import assert_same_run
 from small_config import get_config as config
 
@@ -39,23 +42,23 @@ def test_rules_errors_name_the_parameter_and_the_fix():
   # A model dimension the mesh cannot split is refused when the trainer builds its state.
   with pytest.raises(ValueError, match=r"parameter blocks/ffn_in/\w+ has mlp=100, not "
                                        r"divisible by mesh axes \('fsdp',\) of size 8"):
-    train.build_state(config(logical_rules=(("mlp", "fsdp"),), **{"model.overrides.ffn_dim": 100}),
-                      mesh, abstract=True)
-  tiny = train.wan.preset("tiny")
+    state_lib.build_state(config(logical_rules=(("mlp", "fsdp"),),
+                                 **{"model.overrides.ffn_dim": 100}), mesh, abstract=True)
+  tiny = wan.preset("tiny")
   with pytest.raises(ValueError, match=r"micro_batches=3: .* batch_size=8 is not divisible by 1 x 3"):
-    train.check_divisibility(config(**{"train.micro_batches": 3}), mesh_lib.make_mesh(1), tiny)
+    methods.check_divisibility(config(**{"train.micro_batches": 3}), mesh_lib.make_mesh(1), tiny)
   with pytest.raises(ValueError, match="mesh.context=4 does not divide the 18 tokens"):
-    train.check_divisibility(config(), mesh_lib.make_mesh(8, data=2, context=4), tiny)
+    methods.check_divisibility(config(), mesh_lib.make_mesh(8, data=2, context=4), tiny)
   with pytest.raises(ValueError, match="mesh.tensor=8 does not divide the 4 attention heads"):
-    train.check_divisibility(config(), mesh_lib.make_mesh(8, data=1, tensor=8), tiny)
+    methods.check_divisibility(config(), mesh_lib.make_mesh(8, data=1, tensor=8), tiny)
   with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 8 data x fsdp"):
-    train.check_divisibility(config(**{"data.batch_size": 4}), mesh_lib.make_mesh(8), tiny)
+    methods.check_divisibility(config(**{"data.batch_size": 4}), mesh_lib.make_mesh(8), tiny)
 
 
 def test_every_parameter_and_moment_carries_its_rules_sharding():
   c = config(method="afd")
   mesh = mesh_lib.make_mesh(8, data=2, fsdp=2, tensor=2)
-  nets, state = train.build_state(c, mesh)
+  nets, state = state_lib.build_state(c, mesh)
   rules = mesh_lib.check_rules(c.logical_rules)
   checked = 0
   for net, trees in (("student", ("params", "ema", "old", "ref")), ("disc", ("params",))):

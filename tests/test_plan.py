@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from afd_jax import mesh as mesh_lib
-from afd_jax import train
+from afd_jax import state as state_lib
 from afd_jax.tools import plan
 from small_config import get_config
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _state_bytes(mesh_axes, method="afd") -> tuple[int, int]:
   """(bytes per device, bytes in all) of the abstract state on a mesh of 8 devices."""
   mesh = mesh_lib.make_mesh(8, **mesh_axes)
-  _, state = train.build_state(get_config(method=method), mesh, abstract=True)
+  _, state = state_lib.build_state(get_config(method=method), mesh, abstract=True)
   leaves = jax.tree.leaves(state)
   per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in leaves)
   return per_device, sum(x.size * x.dtype.itemsize for x in leaves)
@@ -59,7 +59,7 @@ def test_plan_cli_reports_memory_and_flops_per_device(tmp_path):
 def test_plan_lowers_every_afd_step_from_abstract_state():
   c = get_config(**{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 4})
   mesh = mesh_lib.mesh_from_config(c)
-  nets, state = train.build_state(c, mesh, abstract=True)
+  nets, state = state_lib.build_state(c, mesh, abstract=True)
   programs = plan.step_inputs(c, nets, state, mesh, (6, 4, 6, 16))
   assert set(programs) == {"rollout", "disc", "student", "old"}
   with jax.set_mesh(mesh):
@@ -91,7 +91,7 @@ def test_plan_leaves_the_callers_config_alone(monkeypatch):
     seen.append((config.disc.checkpoint, config.model.attention_kernel))
     raise StopIteration
 
-  monkeypatch.setattr(train, "build_state", stop)
+  monkeypatch.setattr(state_lib, "build_state", stop)
   c = get_config(**{"disc.checkpoint": "/not/here", "model.attention_kernel": "auto"})
   try:
     plan.plan(c)

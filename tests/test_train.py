@@ -21,6 +21,9 @@ import pytest
 from afd_jax import checkpoint as ckpt_lib
 from afd_jax import data
 from afd_jax import errors
+from afd_jax import methods
+from afd_jax import optim
+from afd_jax import state as state_lib
 from afd_jax import train
 from afd_jax import video
 from afd_jax.models import wan, wan_checkpoint
@@ -81,19 +84,19 @@ def _run(workdir, **overrides):
 ])
 def test_config_errors_name_the_field(key, value, message):
   with pytest.raises(errors.UserError, match=message) as e:
-    train.validate(small_config(**{key: value}))
+    methods.validate(small_config(**{key: value}))
   assert "\n" not in str(e.value)  # one problem, one line
 
 
 def test_a_zero_discriminator_lr_is_an_ablation_not_an_error():
-  train.validate(small_config(**{"optim.disc.lr": 0.0}))
+  methods.validate(small_config(**{"optim.disc.lr": 0.0}))
 
 
 def test_group_size_needs_rollouts_and_the_oracle_needs_the_physics_teacher():
   with pytest.raises(ValueError, match="group_size=2: 'sft' trains on teacher videos"):
-    train.validate(small_config(method="sft", **{"afd.group_size": 2}))
+    methods.validate(small_config(method="sft", **{"afd.group_size": 2}))
   with pytest.raises(ValueError, match="afd_oracle.*physics"):
-    train.validate(small_config(method="afd_oracle"))
+    methods.validate(small_config(method="afd_oracle"))
 
 
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
@@ -166,7 +169,7 @@ def test_generator_methods_train_through_the_exit_step(tmp_path, method, keys, s
   cfg = small_config(method=method, **{"dmd.critic_ratio": 2, "train.checkpoint_every": 0})
   if method == "dmd":  # distils a score model: here a random tiny student, saved as a checkpoint
     with pytest.raises(ValueError, match="dmd.*model.checkpoint"):
-      train.validate(cfg)
+      methods.validate(cfg)
     cfg.model.checkpoint = str(wan_checkpoint.save_converted(
         wan.init(wan.preset("tiny"), seed=3), tmp_path / "score"))
   trainer = train.Trainer(cfg, tmp_path)
@@ -379,7 +382,7 @@ def test_frozen_discriminator_blocks_and_head_groups(tiny_model, inputs):
   params = nnx.to_pure_dict(params)
   o = small_config().optim.disc
   o.head_lr_multiplier = 0.0
-  tx = train.disc_optimizer(o, freeze_below=1, max_nonfinite=5)
+  tx = optim.disc_optimizer(o, freeze_below=1, max_nonfinite=5)
   step = jax.jit(steps.make_disc_step(graphdef, tx, steps.AFDConfig()))
   new, _, _ = step(params, tx.init(params), latents + 1.0, latents, context, jax.random.key(0))
   blocks, new_blocks = params["trunk"]["blocks"], new["trunk"]["blocks"]
@@ -447,8 +450,8 @@ def test_the_discriminator_takes_the_models_runtime_settings(tmp_path, abstract)
   cfg = small_config(**{"disc.checkpoint": str(trunk), "model.dtype": "bfloat16",
                         "model.remat_policy": "full", "model.attention_kernel": "blockwise",
                         "model.scan_layers": False})
-  student = train.build_student(cfg, abstract=abstract)
-  disc = train.build_discriminator(cfg, student, abstract=abstract)
+  student = state_lib.build_student(cfg, abstract=abstract)
+  disc = state_lib.build_discriminator(cfg, student, abstract=abstract)
   for model in (student, disc.trunk):
     c = model.config
     assert (c.dtype, c.remat_policy, c.attention_kernel, c.scan_layers) == (

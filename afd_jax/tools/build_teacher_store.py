@@ -278,7 +278,7 @@ def main(argv):
                   "preprocess": {"fit": _FIT.value, "how": video.FITS[_FIT.value],
                                  "pixels": "uint8 / 127.5 - 1, in [-1, 1]"}},
         name=_NAME.value, overwrite=_OVERWRITE.value, extra_json={"report.json": builder.report})
-  except store_lib.StoreError as e:
+  except store_lib.StoreError:
     print(summary(builder, None))
     raise
   print(summary(builder, out))

@@ -51,7 +51,9 @@ from ml_collections import config_flags  # noqa: E402
 from afd_jax import errors  # noqa: E402
 from afd_jax import flops as flops_lib  # noqa: E402
 from afd_jax import mesh as mesh_lib  # noqa: E402
-from afd_jax import train  # noqa: E402
+from afd_jax import methods  # noqa: E402
+from afd_jax import programs  # noqa: E402
+from afd_jax import state as state_lib  # noqa: E402
 from afd_jax.models import attention as attn_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/wan_ar.py", "Training config.",
@@ -78,21 +80,21 @@ def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
   d, cfg, method = config.data, nets.student_config, config.method
   batch = mesh_lib.batch_sharding(mesh)
   rep = mesh_lib.replicated(mesh)
-  rows = train.rollout_rows(config) if method in train.ON_POLICY else d.batch_size
+  rows = methods.rollout_rows(config) if method in methods.ON_POLICY else d.batch_size
   x = _sds((rows, *latent_shape), jnp.float32, batch)
   ctx = _sds((rows, d.text_length, cfg.text_dim), jnp.float32, batch)
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = _sds(key.shape, key.dtype, rep)
   exit_step = _sds((), jnp.int32, rep)
-  fns = train.make_step_fns(config, nets, mesh, latent_shape)
-  if method not in train.ON_POLICY:
+  fns = programs.make_step_fns(config, nets, mesh, latent_shape)
+  if method not in methods.ON_POLICY:
     return {"fm": (fns.fm, (state["student"], x, ctx, key, state["step"]))}
   params = state["student"]["params"]
-  steps = ({"rollout": (fns.rollout, (state["old"], x, ctx, key))} if method in train.NFT
+  steps = ({"rollout": (fns.rollout, (state["old"], x, ctx, key))} if method in methods.NFT
            else {"rollout": (fns.train_rollout, (params, x, ctx, key, exit_step))})
-  if method in train.WITH_DISC:
+  if method in methods.WITH_DISC:
     steps["disc"] = (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key))
-  if method in train.NFT:
+  if method in methods.NFT:
     r = _sds((rows,), jnp.float32, batch)
     steps["student"] = (fns.student, (state["student"], state["old"], state["ref"], x, ctx, r,
                                       key, state["step"]))
@@ -116,16 +118,16 @@ def model_flops(config, cfg, latent_shape) -> dict:
   d, chunk, method = config.data, config.rollout.chunk_frames, config.method
   train_pass = 3 + (cfg.remat_policy != "none")
   causal = flops_lib.forward_flops(cfg, f, tokens, d.text_length, "block_causal", chunk)["total"]
-  if method not in train.ON_POLICY:
+  if method not in methods.ON_POLICY:
     return {"fm": d.batch_size * (1 + train_pass) * causal}
-  b = train.rollout_rows(config)
+  b = methods.rollout_rows(config)
   bidirectional = flops_lib.forward_flops(cfg, f, tokens, d.text_length)["total"]
   out = {"rollout": b * flops_lib.rollout_flops(cfg, f, tokens, d.text_length, chunk,
                                                 len(config.rollout.denoising_steps))}
-  if method in train.WITH_DISC:
+  if method in methods.WITH_DISC:
     out["disc"] = 2 * b * train_pass * bidirectional                # teacher and student videos
   exit_estimate = (1 + train_pass) * causal                         # history, then trained pass
-  if method in train.NFT:
+  if method in methods.NFT:
     # context K/V of theta, old, ref; per NFT pass old and ref forwards, theta trained
     out.update(student=b * (3 + config.afd.nft_passes * (2 + train_pass)) * causal, old=0.0)
   elif method == "gan":  # the discriminator's backward into the student's videos, its teacher side
@@ -149,8 +151,8 @@ def plan(config) -> dict:
   if jax.default_backend() == "cpu" and config.model.attention_kernel in ("auto", "cudnn", "splash"):
     config.model.attention_kernel = "blockwise"  # stands in for the target's flash kernel
   mesh = mesh_lib.mesh_from_config(config)
-  nets, state = train.build_state(config, mesh, abstract=True)
-  train.check_divisibility(config, mesh, nets.student_config)
+  nets, state = state_lib.build_state(config, mesh, abstract=True)
+  methods.check_divisibility(config, mesh, nets.student_config)
   d = config.data
   latent_shape = (d.num_frames, d.height, d.width, nets.student_config.in_dim)
   state_bytes = _per_device_bytes(state)
@@ -217,8 +219,8 @@ def format_table(p: dict, hbm_gib: float = 0.0) -> str:
 def main(argv):
   del argv
   config = _CONFIG.value
-  if config.method not in train.METHODS:
-    raise errors.UserError(f"config.method={config.method!r} is not one of {train.METHODS}.")
+  if config.method not in methods.METHODS:
+    raise errors.UserError(f"config.method={config.method!r} is not one of {methods.METHODS}.")
   p = plan(config)
   print(format_table(p, _HBM.value))
   if _OUT.value:

@@ -1,0 +1,176 @@
+"""What each training method is and needs: the method families, the config checks that refuse a
+bad run before anything is built, and the frozen settings the pure steps close over.
+
+Used by the trainer, the planner (``tools/plan.py``) and ``main.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from afd_jax import errors
+from afd_jax import losses
+from afd_jax import rollout as rollout_lib
+from afd_jax import steps
+from afd_jax import teachers
+from afd_jax.models import wan
+
+METHODS = ("afd", "afd_frozen_disc", "afd_oracle", "gan", "sft", "dmd", "pretrain")
+NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old policy and reference
+WITH_DISC = ("afd", "afd_frozen_disc", "gan")    # a discriminator in the training state
+GENERATOR = ("gan", "dmd")                       # losses through the rollout's exit step
+ON_POLICY = NFT + GENERATOR                      # methods that roll out the student
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Fails before anything is built or compiled, naming the field and the fix."""
+  problems = []
+  if config.method not in METHODS:
+    problems.append(f"config.method={config.method!r} is not one of {METHODS}")
+  if config.train.num_steps <= 0:
+    problems.append(f"config.train.num_steps={config.train.num_steps} must be positive")
+  t = config.train
+  for field, least, meaning in (
+      ("log_every", 1, "log every N steps"), ("checkpoint_every", 0, "0: save only at the end"),
+      ("eval_every", 0, "0: evaluate only at the end"), ("keep_last", 1, "the last checkpoint is "
+      "what a resume needs"), ("keep_every", 0, "0: keep only the last ones"),
+      ("max_nonfinite", 1, "rejected updates in a row before the run stops"),
+      ("micro_batches", 1, "slices of the batch")):
+    value = t[field]
+    if not isinstance(value, int) or value < least:
+      problems.append(f"config.train.{field}={value!r} must be an integer >= {least} ({meaning})")
+  for name, o in config.optim.items():
+    least = 0.0 if name == "disc" else None  # a zero discriminator lr freezes it (an ablation)
+    if not (math.isfinite(o.lr) and (o.lr > 0 or (least == 0.0 and o.lr == 0))):
+      problems.append(f"config.optim.{name}.lr={o.lr!r} must be a finite number "
+                      f"{'>= 0' if least == 0.0 else '> 0'}")
+  d, r = config.data, config.rollout
+  for field, value in (("data.batch_size", d.batch_size), ("data.num_frames", d.num_frames),
+                       ("data.height", d.height), ("data.width", d.width),
+                       ("rollout.chunk_frames", r.chunk_frames)):
+    if value <= 0:
+      problems.append(f"config.{field}={value} must be positive")
+  if problems:  # the checks below divide by these
+    raise _invalid(problems)
+  if d.num_frames % r.chunk_frames:
+    problems.append(f"config.data.num_frames={d.num_frames} is not a multiple of "
+                    f"config.rollout.chunk_frames={r.chunk_frames}")
+  if d.height % 2 or d.width % 2:
+    problems.append(f"latent height/width {d.height}x{d.width} must be even (Wan's 2x2 patches)")
+  if config.afd.group_size < 1:
+    problems.append(f"config.afd.group_size={config.afd.group_size} must be >= 1 (student "
+                    "rollouts per prompt)")
+  elif config.afd.group_size > 1 and config.method not in ON_POLICY:
+    problems.append(f"config.afd.group_size={config.afd.group_size}: {config.method!r} trains on "
+                    "teacher videos, not on rollouts; use 1")
+  if config.disc.loss not in losses.DISC_LOSSES:
+    problems.append(f"config.disc.loss={config.disc.loss!r} is not one of {losses.DISC_LOSSES}")
+  if config.afd.exit_step not in ("random", "last"):
+    problems.append(f"config.afd.exit_step={config.afd.exit_step!r} must be 'random' (Self-"
+                    "Forcing) or 'last'")
+  if config.method == "dmd" and not config.model.checkpoint:
+    problems.append("config.method='dmd' distils config.model.checkpoint (the score model, e.g. "
+                    "a flow-matching base) into a few-step student; set it")
+  if config.method == "afd_oracle" and d.teacher != "physics":
+    problems.append("config.method='afd_oracle' scores rollouts with the physics evaluator, so it "
+                    "needs config.data.teacher='physics'")
+  if d.teacher not in teachers.KINDS:
+    problems.append(f"config.data.teacher={d.teacher!r} is not one of {teachers.KINDS}")
+  elif d.teacher == "store" and not (d.store and Path(d.store).exists()):
+    problems.append(f"config.data.store={d.store!r} does not exist; build a teacher store with "
+                    "`python -m afd_jax.tools.build_teacher_store --prompts P.jsonl --videos DIR "
+                    "--out STORE` and point the field at STORE")
+  elif d.teacher == "http" and not d.teacher_url:
+    problems.append("config.data.teacher='http' needs config.data.teacher_url")
+  elif d.teacher == "http" and not (math.isfinite(d.teacher_timeout_s) and d.teacher_timeout_s > 0):
+    problems.append(f"config.data.teacher_timeout_s={d.teacher_timeout_s!r} must be a positive "
+                    "number of seconds")
+  elif d.teacher == "callable" and ":" not in d.teacher_callable:
+    problems.append(f"config.data.teacher_callable={d.teacher_callable!r} must be 'module:function'")
+  if d.teacher in ("http", "callable") and not Path(d.prompts).is_file():
+    problems.append(f"config.data.prompts={d.prompts!r} must be a prompts file (.txt or .jsonl) "
+                    "for an online teacher")
+  if d.num_eval_prompts < 0 or d.num_eval_prompts % max(1, jax.process_count()):
+    problems.append(f"config.data.num_eval_prompts={d.num_eval_prompts} must be >= 0 and divisible "
+                    "by the number of processes")
+  if config.afd.nft_branches not in ("both", "positive"):
+    problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
+                    "'positive' (reward-weighted flow matching, no negative branch)")
+  if d.encoder == "wan_vae" and d.teacher in ("physics", "http", "callable") and not d.vae:
+    problems.append("config.data.encoder='wan_vae' needs config.data.vae (the VAE checkpoint)")
+  if d.vae and not Path(d.vae).exists():
+    problems.append(f"config.data.vae={d.vae!r} does not exist; convert the Wan VAE with `python -m "
+                    "afd_jax.tools.convert_wan_vae Wan2.1_VAE.pth DST` and point the field at DST")
+  for field, path in (("config.model.checkpoint", config.model.checkpoint),
+                      ("config.disc.checkpoint", config.disc.checkpoint)):
+    if path and not Path(path).exists():
+      problems.append(f"{field}={path!r} does not exist; convert a Wan2.1 checkpoint with "
+                      "`python -m afd_jax.tools.convert_wan SRC DST` and point the field at DST")
+  if problems:
+    raise _invalid(problems)
+
+
+def _invalid(problems: list[str]) -> errors.UserError:
+  """One line for one problem, a list for several."""
+  if len(problems) == 1:
+    return errors.UserError(f"invalid config: {problems[0]}.")
+  return errors.UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def afd_config(config) -> steps.AFDConfig:
+  a = config.afd
+  return steps.AFDConfig(
+      chunk_frames=config.rollout.chunk_frames,
+      rollout_timesteps=tuple(float(t) for t in rollout_config(config).timesteps()),
+      nft_passes=a.nft_passes, nft_levels=a.nft_levels, shift=config.rollout.shift, beta=a.beta,
+      a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
+      disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
+      penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
+      old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
+      micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,
+      dmd_sigma=tuple(config.dmd.sigma_range))
+
+
+def rollout_config(config) -> rollout_lib.RolloutConfig:
+  r = config.rollout
+  return rollout_lib.RolloutConfig(
+      chunk_frames=r.chunk_frames, denoising_steps=tuple(r.denoising_steps), shift=r.shift,
+      window_frames=r.window_frames or None, sink_frames=r.sink_frames, sampler=r.sampler)
+
+
+def rollout_rows(config) -> int:
+  """Videos per rollout: ``group_size`` rollouts of each of the ``batch_size`` prompts."""
+  return config.data.batch_size * config.afd.group_size
+
+
+def check_divisibility(config, mesh, student_cfg: wan.WanConfig):
+  """Batch and token counts the mesh must split evenly, refused before anything compiles."""
+  d, micro = config.data, config.train.micro_batches
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows, what = d.batch_size, f"batch_size={d.batch_size}"
+  if config.afd.group_size > 1:
+    rows, what = rollout_rows(config), (f"batch_size x afd.group_size = {d.batch_size} x "
+                                        f"{config.afd.group_size} rollouts")
+  if rows % batch_devices:
+    raise errors.UserError(f"config.data.{what} is not divisible by the {batch_devices} data x fsdp "
+                     "devices of the mesh; change the batch or the mesh.")
+  if micro < 1 or rows % (batch_devices * micro):
+    raise errors.UserError(f"config.train.micro_batches={micro}: every micro-batch must give each of "
+                     f"the {batch_devices} data x fsdp devices the same number of videos; "
+                     f"{what} is not divisible by {batch_devices} x {micro}.")
+  if d.batch_size % jax.process_count():
+    raise errors.UserError(f"config.data.batch_size={d.batch_size} prompts do not split over the "
+                     f"{jax.process_count()} processes (each reads its own prompts).")
+  ctx = mesh.shape["context"]
+  tokens = (d.height // student_cfg.patch_size[1]) * (d.width // student_cfg.patch_size[2])
+  if ctx > 1 and (tokens * config.rollout.chunk_frames) % ctx:
+    raise errors.UserError(f"mesh.context={ctx} does not divide the {tokens * config.rollout.chunk_frames}"
+                     f" tokens of a chunk ({config.rollout.chunk_frames} frames x {tokens} "
+                     "tokens); pick a context size that divides it.")
+  if mesh.shape["tensor"] > 1 and student_cfg.num_heads % mesh.shape["tensor"]:
+    raise errors.UserError(f"mesh.tensor={mesh.shape['tensor']} does not divide the "
+                     f"{student_cfg.num_heads} attention heads.")

@@ -1,0 +1,107 @@
+"""The jitted step programs of one training configuration on one mesh, with explicit output
+shardings and donation of the state they replace, compiled once and reused by every trainer of
+the same configuration (a resume, an evaluation, a test)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from afd_jax import mesh as mesh_lib
+from afd_jax import rollout as rollout_lib
+from afd_jax import steps
+from afd_jax.methods import GENERATOR, ON_POLICY, WITH_DISC, afd_config, rollout_config
+from afd_jax.state import Networks
+
+@dataclasses.dataclass
+class StepFns:
+  """The jitted programs of one training configuration on one mesh."""
+
+  noise: Callable
+  rollout: Callable
+  train_rollout: Callable | None = None   # GENERATOR methods: ends chunks at an exit step
+  fm: Callable | None = None
+  disc: Callable | None = None
+  score: Callable | None = None
+  advantage: Callable | None = None
+  student: Callable | None = None
+  critic: Callable | None = None
+  old: Callable | None = None
+
+
+_STEP_FNS: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 8  # configurations whose programs stay compiled (tests build many)
+
+
+def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
+  """Jitted steps with explicit output shardings and donation of the state they replace.
+
+  Memoised (the last few) on exactly what the programs close over: the method, the frozen step
+  and rollout settings, the optimizers' hyperparameters, the networks' configurations, the batch,
+  the mesh and the shardings; so a second trainer of the same configuration reuses the traced
+  and compiled programs."""
+  key = (config.method, afd_config(config), rollout_config(config), _frozen(config.optim),
+         _frozen(config.disc), config.train.max_nonfinite, config.train.micro_batches,
+         config.data.batch_size, tuple(latent_shape), mesh, nets.student_config,
+         nets.disc_config, tuple(jax.tree.leaves(nets.state_sharding)),
+         jax.tree.structure(nets.state_sharding))
+  if key in _STEP_FNS:
+    _STEP_FNS.move_to_end(key)
+  else:
+    _STEP_FNS[key] = _make_step_fns(config, nets, mesh, latent_shape)
+    while len(_STEP_FNS) > _KEEP:
+      _STEP_FNS.popitem(last=False)
+  return _STEP_FNS[key]
+
+
+def _frozen(section):
+  """A config section as a hashable value."""
+  if hasattr(section, "items"):
+    return tuple(sorted((k, _frozen(v)) for k, v in section.items()))
+  return tuple(_frozen(v) for v in section) if isinstance(section, (list, tuple)) else section
+
+
+def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
+  sh, afd = nets.state_sharding, afd_config(config)
+  graph, micro = nets.student_graph, config.train.micro_batches
+  batch = mesh_lib.batch_sharding(mesh)
+  fns = StepFns(
+      noise=jax.jit(lambda k, rows: jax.random.normal(k, (rows, *latent_shape), jnp.float32),
+                    static_argnums=1, out_shardings=batch),
+      rollout=rollout_lib.make_rollout(graph, rollout_config(config), out_shardings=batch,
+                                       micro_batches=micro))
+  student_out = (sh["student"], None)
+  if config.method not in ON_POLICY:
+    fns.fm = jax.jit(steps.make_fm_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+                     out_shardings=student_out)
+    return fns
+  if config.method in WITH_DISC:
+    disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
+    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
+                       donate_argnums=(0, 1), out_shardings=disc_out)
+    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False))
+  if config.method in GENERATOR:
+    fns.train_rollout = rollout_lib.make_rollout(graph, rollout_config(config),
+                                                 out_shardings=(batch, batch),
+                                                 micro_batches=micro, exit_inputs=True)
+  if config.method == "gan":
+    fns.student = jax.jit(steps.make_gan_step(graph, nets.disc_graph, nets.tx_student, afd),
+                          donate_argnums=(0,), out_shardings=student_out)
+    return fns
+  if config.method == "dmd":
+    fns.critic = jax.jit(steps.make_fm_step(graph, nets.tx_critic, afd, critic=True),
+                         donate_argnums=(0,), out_shardings=(sh["critic"], None))
+    fns.student = jax.jit(steps.make_dmd_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+                          out_shardings=student_out)
+    return fns
+  fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
+  fns.student = jax.jit(steps.make_student_step(graph, nets.tx_student, afd),
+                        donate_argnums=(0,), out_shardings=student_out)
+  decay = afd.old_decay_type
+  fns.old = jax.jit(lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),
+                    donate_argnums=(0,), out_shardings=sh["old"])
+  return fns
