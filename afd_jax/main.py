@@ -139,10 +139,7 @@ def run(config, workdir: Path):
     experiment.run(config, workdir)
     return
   summary = train.run(config, workdir)
-  if jax.process_index() == 0:
-    if "nothing_to_do" in summary:
-      print(f"afd_jax: {summary['nothing_to_do']}")
-      return
+  if jax.process_index() == 0 and "nothing_to_do" not in summary:  # the trainer said why
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
 
 
