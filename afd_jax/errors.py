@@ -3,7 +3,9 @@
 A ``UserError`` names the problem and the fix (a config value, a file, a flag, a workdir held by
 another run). ``run`` is ``absl.app.run`` for our entry points: it prints a ``UserError`` as one
 ``afd_jax: ...`` line on stderr and exits with status 2; ``--verbose`` (or ``AFD_JAX_VERBOSE=1``)
-shows its traceback. Any other exception is an internal error and keeps its traceback.
+shows its traceback. Any other exception is an internal error and keeps its traceback. It also
+turns on the persistent compilation cache (``compilation.py``) and, unless ``--verbose``, holds
+back libraries' INFO lines (``console.py``) before the command runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import os
 import sys
 
 from absl import app, flags
+
+from afd_jax import compilation
+from afd_jax import console
 
 VERBOSE_ENV = "AFD_JAX_VERBOSE"
 EXIT_CODE = 2
@@ -36,6 +41,8 @@ def run(main):
   """``app.run(main)``, with user errors (and absl usage errors) as one line and exit code 2."""
   def guarded(argv):
     try:
+      console.quiet_libraries(verbose())
+      compilation.enable()
       return main(argv)
     except (UserError, app.UsageError) as e:
       if verbose():

@@ -97,6 +97,19 @@ def validate(config: ml_collections.ConfigDict):
   if d.num_eval_prompts < 0 or d.num_eval_prompts % max(1, jax.process_count()):
     problems.append(f"config.data.num_eval_prompts={d.num_eval_prompts} must be >= 0 and divisible "
                     "by the number of processes")
+  for section in ("model", "disc"):
+    rank = config[section].get("lora_rank", 0)
+    if not isinstance(rank, int) or rank < 0:
+      problems.append(f"config.{section}.lora_rank={rank!r} must be an integer >= 0 (0: train "
+                      "every parameter)")
+    elif rank and not (math.isfinite(alpha := config[section].lora_alpha) and alpha > 0):
+      problems.append(f"config.{section}.lora_alpha={alpha!r} must be > 0")
+  if config.train.get("export_format", "converted") not in ("converted", "diffusers"):
+    problems.append(f"config.train.export_format={config.train.export_format!r} must be "
+                    "'converted' or 'diffusers'")
+  if config.disc.get("lora_rank", 0) and config.disc.freeze_below:
+    problems.append("config.disc.freeze_below and config.disc.lora_rank both limit what the trunk "
+                    "learns; use one (set freeze_below=0 with adapters)")
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")

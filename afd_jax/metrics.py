@@ -1,4 +1,5 @@
-"""What a user watches: progress with steps/s and ETA, TensorBoard scalars and ``metrics.jsonl``.
+"""What a user watches: a progress line per logged step (``console.py``), TensorBoard scalars and
+``metrics.jsonl``.
 
 Only process 0 writes. Every logged step is one JSON object per line with ``step``, so the file
 plots with any tool and survives crashes (each line is flushed). A resumed run first drops the
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging
+
+from afd_jax import console
 
 
 class MetricWriter:
@@ -46,11 +48,7 @@ class MetricWriter:
         if math.isfinite(v):
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
-      eta = values.get("perf/eta_seconds", float("nan"))
-      logging.info("step %d/%d  %.2f steps/s  ETA %s  %s", step, self.total,
-                   values.get("perf/steps_per_second", float("nan")), _clock(eta),
-                   "  ".join(f"{k}={values[k]:.4g}" for k in sorted(values)
-                             if not k.startswith("perf/"))[:400])
+      console.show_progress(step, self.total, values)
     return values
 
   def close(self):
@@ -73,11 +71,3 @@ def _open_history(path: Path, start_step: int):
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
   return open(path, "a", encoding="utf-8")
-
-
-def _clock(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}:{m:02d}:{s:02d}"

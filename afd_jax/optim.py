@@ -17,20 +17,24 @@ def optimizer(o, max_nonfinite: int):
   return optax.apply_if_finite(inner, max_consecutive_errors=max_nonfinite + 1)
 
 
-def disc_optimizer(o, freeze_below: int, max_nonfinite: int):
+def disc_optimizer(o, freeze_below: int, max_nonfinite: int, lora: bool = False):
   """Self-Forcing's two parameter groups: the trunk at ``lr``, readouts and head at
   ``lr * head_lr_multiplier``, one global-norm clip over both. Frozen trunk blocks (and the patch
   embedding below them), and the trunk's unused output head, get no update at all, weight decay
-  included."""
+  included. ``lora``: the parameters are an adapter set (``lora.py``): the trunk's adapters form
+  the first group, the fully trained readouts and head the second."""
   def adamw(lr):
     return optax.adamw(steps.lr_schedule(lr, o.warmup_steps, o.decay_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                        weight_decay=o.weight_decay)
 
-  labels = lambda params: {k: jax.tree.map(lambda _: "trunk" if k == "trunk" else "readout", v)
+  trunk = "adapters" if lora else "trunk"
+  labels = lambda params: {k: jax.tree.map(lambda _: "trunk" if k == trunk else "readout", v)
                            for k, v in params.items()}
 
   def freeze(updates, state, params=None):
     del params
+    if lora:
+      return updates, state
 
     def zero(path, u):
       top = path[0].key

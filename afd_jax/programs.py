@@ -47,7 +47,8 @@ def make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
   key = (config.method, afd_config(config), rollout_config(config), _frozen(config.optim),
          _frozen(config.disc), config.train.max_nonfinite, config.train.micro_batches,
          config.data.batch_size, tuple(latent_shape), mesh, nets.student_config,
-         nets.disc_config, tuple(jax.tree.leaves(nets.state_sharding)),
+         nets.disc_config, nets.lora["student"], nets.lora["disc"],
+         tuple(jax.tree.leaves(nets.state_sharding)),
          jax.tree.structure(nets.state_sharding))
   if key in _STEP_FNS:
     _STEP_FNS.move_to_end(key)
@@ -68,38 +69,44 @@ def _frozen(section):
 def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
   sh, afd = nets.state_sharding, afd_config(config)
   graph, micro = nets.student_graph, config.train.micro_batches
+  lora, dlora = nets.lora["student"], nets.lora["disc"]
   batch = mesh_lib.batch_sharding(mesh)
   fns = StepFns(
       noise=jax.jit(lambda k, rows: jax.random.normal(k, (rows, *latent_shape), jnp.float32),
                     static_argnums=1, out_shardings=batch),
       rollout=rollout_lib.make_rollout(graph, rollout_config(config), out_shardings=batch,
-                                       micro_batches=micro))
+                                       micro_batches=micro, lora=lora))
   student_out = (sh["student"], None)
   if config.method not in ON_POLICY:
-    fns.fm = jax.jit(steps.make_fm_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+    fns.fm = jax.jit(steps.make_fm_step(graph, nets.tx_student, afd, lora=lora),
+                     donate_argnums=(0,),
                      out_shardings=student_out)
     return fns
   if config.method in WITH_DISC:
     disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
-    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd),
+    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, lora=dlora),
                        donate_argnums=(0, 1), out_shardings=disc_out)
-    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False))
+    fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False,
+                                             lora=dlora))
   if config.method in GENERATOR:
     fns.train_rollout = rollout_lib.make_rollout(graph, rollout_config(config),
                                                  out_shardings=(batch, batch),
-                                                 micro_batches=micro, exit_inputs=True)
+                                                 micro_batches=micro, exit_inputs=True,
+                                                 lora=lora)
   if config.method == "gan":
-    fns.student = jax.jit(steps.make_gan_step(graph, nets.disc_graph, nets.tx_student, afd),
+    fns.student = jax.jit(steps.make_gan_step(graph, nets.disc_graph, nets.tx_student, afd,
+                                              lora=lora, disc_lora=dlora),
                           donate_argnums=(0,), out_shardings=student_out)
     return fns
   if config.method == "dmd":
-    fns.critic = jax.jit(steps.make_fm_step(graph, nets.tx_critic, afd, critic=True),
+    fns.critic = jax.jit(steps.make_fm_step(graph, nets.tx_critic, afd, critic=True, lora=lora),
                          donate_argnums=(0,), out_shardings=(sh["critic"], None))
-    fns.student = jax.jit(steps.make_dmd_step(graph, nets.tx_student, afd), donate_argnums=(0,),
+    fns.student = jax.jit(steps.make_dmd_step(graph, nets.tx_student, afd, lora=lora),
+                          donate_argnums=(0,),
                           out_shardings=student_out)
     return fns
   fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
-  fns.student = jax.jit(steps.make_student_step(graph, nets.tx_student, afd),
+  fns.student = jax.jit(steps.make_student_step(graph, nets.tx_student, afd, lora=lora),
                         donate_argnums=(0,), out_shardings=student_out)
   decay = afd.old_decay_type
   fns.old = jax.jit(lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),

@@ -29,6 +29,7 @@ from flax import nnx
 
 from afd_jax import errors
 from afd_jax import flow
+from afd_jax import lora as lora_lib
 from afd_jax import steps
 from afd_jax.models import wan
 
@@ -158,8 +159,9 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
                  return_intermediates: bool = False, out_shardings=None, micro_batches: int = 1,
-                 exit_inputs: bool = False):
-  """A jitted pure function ``(params, noise, context, key) -> latents`` over split NNX state;
+                 exit_inputs: bool = False, lora: lora_lib.LoRA | None = None):
+  """A jitted pure function ``(params, noise, context, key[, exit_step, frozen]) -> latents``
+  over split NNX state (``params`` an adapter set over ``frozen`` with ``lora``);
   ``micro_batches`` > 1 samples the batch in that many slices, one after the other (bounded
   memory, as in the training steps). ``exit_inputs``: ``(params, noise, context, key, exit_step)
   -> (latents, inputs)``, the training rollout ending each chunk at ``exit_step`` and the model
@@ -173,8 +175,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),
     x, inter = rollout(model, noise, context, key, cfg, True, exit_step=exit_step)
     return x, jnp.take(inter["inputs"], exit_step, axis=0)
 
-  def fn(params, noise, context, key, exit_step=None):
-    model = nnx.merge(graphdef, params)
+  def fn(params, noise, context, key, exit_step=None, frozen=None):
+    model = steps.merged(graphdef, lora, frozen, params)
     if micro_batches == 1:
       return one(model, noise, context, key, exit_step)
     micro = (steps.split_micro(noise, micro_batches), steps.split_micro(context, micro_batches),

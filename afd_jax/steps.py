@@ -23,6 +23,7 @@ from flax import nnx
 
 from afd_jax import errors
 from afd_jax import flow
+from afd_jax import lora as lora_lib
 from afd_jax import losses
 
 DECAY_PRESETS = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
@@ -144,18 +145,25 @@ def accumulate(fn, params, batch, m: int):
   return jax.tree.map(lambda g: g / m, grads), outs
 
 
+def merged(graphdef, spec: lora_lib.LoRA | None, frozen, params) -> nnx.Module:
+  """The network of ``params``: all its parameters, or (with adapters ``spec``) an adapter set
+  over the ``frozen`` base; ``params=None`` with adapters is the base itself."""
+  return nnx.merge(graphdef, lora_lib.view(frozen, params, spec))
+
+
 def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
-                   update: bool = True):
-  """``(params, opt_state, x_teacher, x_student, context, key) -> (params, opt_state, out)``.
+                   update: bool = True, lora: lora_lib.LoRA | None = None):
+  """``(params, opt_state, x_teacher, x_student, context, key[, frozen]) -> (params, opt_state,
+  out)``; ``frozen``: the trunk's base when ``params`` is an adapter set (``lora``).
 
   ``update=False`` only scores the pairs (a frozen discriminator after its warm-up): the step
   takes no optimizer state and returns only the outputs, not a copy of the discriminator.
   """
 
-  def logits_fn(params, x, t, context):
-    return nnx.merge(graphdef, params)(x, t, context)
+  def logits_fn(params, x, t, context, frozen):
+    return merged(graphdef, lora, frozen, params)(x, t, context)
 
-  def loss_fn(params, micro):
+  def loss_fn(params, micro, frozen):
     """One micro-batch; its noise is drawn for the whole batch beforehand (same draws whatever the
     micro-batching)."""
     x_teacher, x_student, context, tau, eps, delta = micro
@@ -163,20 +171,21 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     x = jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)])
     t = jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS
     ctx = jnp.concatenate([context, context])
-    logits = logits_fn(params, x, t, ctx)
+    logits = logits_fn(params, x, t, ctx, frozen)
     teacher, student = logits[:b], logits[b:]
     bt = losses.bt_loss(teacher, student)
     loss = losses.disc_loss(cfg.disc_loss, teacher, student)
     parts = {"disc/bt_loss": bt}
     if cfg.r1_weight or cfg.r2_weight:
-      perturbed = logits_fn(params, x + jnp.swapaxes(delta, 0, 1).reshape(x.shape), t, ctx)
+      perturbed = logits_fn(params, x + jnp.swapaxes(delta, 0, 1).reshape(x.shape), t, ctx,
+                            frozen)
       r1 = losses.finite_difference_penalty(teacher, perturbed[:b], cfg.penalty_sigma)
       r2 = losses.finite_difference_penalty(student, perturbed[b:], cfg.penalty_sigma)
       loss = loss + cfg.r1_weight * r1 + cfg.r2_weight * r2
       parts.update({"disc/r1": r1, "disc/r2": r2})
     return loss, (teacher, student, parts)
 
-  def step(params, opt_state, x_teacher, x_student, context, key):
+  def step(params, opt_state, x_teacher, x_student, context, key, frozen=None):
     b = x_teacher.shape[0]
     k_tau, k_eps, k_r = jax.random.split(key, 3)
     tau = jax.random.uniform(k_tau, (b,), minval=cfg.disc_tau_min, maxval=cfg.disc_tau_max)
@@ -188,13 +197,15 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     metrics = {}
     if update:
       grads, (loss, (teacher, student, parts)) = accumulate(
-          jax.value_and_grad(loss_fn, has_aux=True), params, batch, cfg.micro_batches)
+          jax.value_and_grad(lambda p, micro: loss_fn(p, micro, frozen), has_aux=True), params,
+          batch, cfg.micro_batches)
       params, opt_state, _ = guarded_update(tx, grads, opt_state, params)
       metrics["disc/grad_norm"] = optax.tree.norm(grads)
     else:
       m = cfg.micro_batches
       loss, (teacher, student, parts) = jax.lax.map(
-          lambda micro: loss_fn(params, micro), jax.tree.map(lambda a: split_micro(a, m), batch))
+          lambda micro: loss_fn(params, micro, frozen),
+          jax.tree.map(lambda a: split_micro(a, m), batch))
     teacher, student = merge_micro(teacher), merge_micro(student)
     loss, parts = jax.tree.map(jnp.mean, (loss, parts))
     metrics.update(parts, **{"disc/loss": loss,
@@ -206,8 +217,8 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
 
   if update:
     return step
-  return lambda params, x_teacher, x_student, context, key: step(
-      params, None, x_teacher, x_student, context, key)
+  return lambda params, x_teacher, x_student, context, key, frozen=None: step(
+      params, None, x_teacher, x_student, context, key, frozen)
 
 
 def advantage(teacher_logits, student_logits, cfg: AFDConfig):
@@ -219,10 +230,14 @@ def advantage(teacher_logits, student_logits, cfg: AFDConfig):
   return r, raw, losses.advantage_stats(raw, adv, r, cfg.a_max)
 
 
-def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
-  """``(student, old_params, ref_params, x0, context, r, key, step) -> (student, metrics)``.
+def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
+                      lora: lora_lib.LoRA | None = None):
+  """``(student, old_params, ref_params, x0, context, r, key, step[, frozen]) -> (student,
+  metrics)``.
 
   ``student`` is ``{"params", "opt", "ema"}``; ``x0`` the clean rollouts ``[B, F, H, W, C]``.
+  With adapters (``lora``) every parameter set is an adapter set over ``frozen``, and
+  ``ref_params=None`` is the base (adapters off).
   """
   f = cfg.chunk_frames
 
@@ -232,17 +247,20 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
   def velocity(params, x_t, t, ctx_kv, text):
     return nnx.merge(graphdef, params).forward_with_context(x_t, t, ctx_kv, f, text)
 
-  def micro_grads(params, old_params, ref_params, micro):
+  def micro_grads(params, old_params, ref_params, micro, frozen):
     """Per-pass metrics and the pass-averaged gradient of one micro-batch."""
     x0, context, r, sig, eps = micro
     sig, eps = jnp.swapaxes(sig, 0, 1), jnp.swapaxes(eps, 0, 1)          # passes first again
+    full = lambda p: lora_lib.view(frozen, p, lora)
+    old_params, ref_params = full(old_params), full(ref_params)
     text_old = nnx.merge(graphdef, old_params).text_kv(context)
     text_ref = nnx.merge(graphdef, ref_params).text_kv(context)
-    ctx_theta = context_of(params, x0, nnx.merge(graphdef, params).text_kv(context))
+    ctx_theta = context_of(full(params), x0, nnx.merge(graphdef, full(params)).text_kv(context))
     ctx_old = context_of(old_params, x0, text_old)
     ctx_ref = context_of(ref_params, x0, text_ref)
 
     def pass_loss(p, x_t, t, sigma, v_old, v_ref):
+      p = full(p)
       v_theta = velocity(p, x_t, t, ctx_theta, nnx.merge(graphdef, p).text_kv(context))
       nft, parts = losses.nft_loss(v_theta, v_old, x_t, x0, sigma, r, beta=cfg.beta,
                                    a_max=cfg.a_max, chunk_frames=f,
@@ -266,13 +284,14 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig
     grads, per_pass = jax.lax.scan(one_pass, jax.tree.map(jnp.zeros_like, params), (sig, eps))
     return per_pass, jax.tree.map(lambda g: g / cfg.nft_passes, grads)
 
-  def step(student, old_params, ref_params, x0, context, r, key, step_index):
+  def step(student, old_params, ref_params, x0, context, r, key, step_index, frozen=None):
     k_lvl, k_eps = jax.random.split(key)
     sig = noise_levels(cfg, k_lvl, *x0.shape[:2], cfg.nft_passes)          # [J, B, F]
     eps = jax.random.normal(k_eps, (cfg.nft_passes, *x0.shape), x0.dtype)
     batch = (x0, context, r, jnp.swapaxes(sig, 0, 1), jnp.swapaxes(eps, 0, 1))  # batch first
-    grads, per_pass = accumulate(lambda p, micro: micro_grads(p, old_params, ref_params, micro),
-                                 student["params"], batch, cfg.micro_batches)
+    grads, per_pass = accumulate(
+        lambda p, micro: micro_grads(p, old_params, ref_params, micro, frozen),
+        student["params"], batch, cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
     metrics.update(jax.tree.map(jnp.mean, per_pass))
     return student, metrics
@@ -337,30 +356,34 @@ def exit_estimate(graphdef, cfg: AFDConfig, params, inputs, exit_step, clean, co
   return flow.x0_from_velocity(jax.lax.stop_gradient(inputs), v, sigma)
 
 
-def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: AFDConfig):
-  """``(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step) ->
-  (student, metrics)``: direct adversarial imitation. The student's loss is the relativistic
-  score of its own rollout against its prompt's teacher video, ``softplus(D(x_T) - D(x_S))``,
+def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: AFDConfig,
+                  lora: lora_lib.LoRA | None = None, disc_lora: lora_lib.LoRA | None = None):
+  """``(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step[, frozen,
+  disc_frozen]) -> (student, metrics)``: direct adversarial imitation. The student's loss is the
+  relativistic score of its own rollout against its prompt's teacher video, ``softplus(D(x_T) - D(x_S))``,
   backpropagated through the discriminator into the exit step of every chunk
   (:func:`exit_estimate`). Both videos share the discriminator step's kind of noise
   augmentation."""
 
-  def loss_fn(params, disc_params, micro, exit_step):
+  def loss_fn(params, disc_params, micro, exit_step, frozen, disc_frozen):
     inputs, clean, x_teacher, context, tau, eps = micro
-    x0 = exit_estimate(graphdef, cfg, params, inputs, exit_step, clean, context)
-    disc = nnx.merge(disc_graph, disc_params)
+    x0 = exit_estimate(graphdef, cfg, lora_lib.view(frozen, params, lora), inputs, exit_step,
+                       clean, context)
+    disc = merged(disc_graph, disc_lora, disc_frozen, disc_params)
     t = tau * flow.NUM_TRAIN_TIMESTEPS
     student = disc(flow.add_noise(x0, eps, tau), t, context)
     teacher = jax.lax.stop_gradient(disc(flow.add_noise(x_teacher, eps, tau), t, context))
     return losses.relativistic_generator_loss(teacher, student)
 
-  def step(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step_index):
+  def step(student, disc_params, inputs, clean, x_teacher, context, exit_step, key, step_index,
+           frozen=None, disc_frozen=None):
     k_tau, k_eps = jax.random.split(key)
     tau = jax.random.uniform(k_tau, (clean.shape[0],), minval=cfg.disc_tau_min,
                              maxval=cfg.disc_tau_max)
     eps = jax.random.normal(k_eps, clean.shape, clean.dtype)
     grads, loss = accumulate(
-        jax.value_and_grad(lambda p, m: loss_fn(p, disc_params, m, exit_step)), student["params"],
+        jax.value_and_grad(lambda p, m: loss_fn(p, disc_params, m, exit_step, frozen,
+                                                disc_frozen)), student["params"],
         (inputs, clean, x_teacher, context, tau, eps), cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
     metrics["gan/generator_loss"] = jnp.mean(loss)
@@ -369,10 +392,11 @@ def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: A
   return step
 
 
-def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
-  """``(student, fake_params, real_params, inputs, clean, context, exit_step, key, step) ->
-  (student, metrics)``: Self-Forcing's distribution matching distillation of a few-step student
-  from a score model (here: a plain flow-matching base, ``real_params``). The student's exit-step
+def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
+                  lora: lora_lib.LoRA | None = None):
+  """``(student, fake_params, real_params, inputs, clean, context, exit_step, key, step[,
+  frozen]) -> (student, metrics)``: Self-Forcing's distribution matching distillation of a few-step
+  student from a score model (here: a plain flow-matching base, ``real_params``). The student's exit-step
   output (:func:`exit_estimate`) is noised to a random level; the real and fake (critic) scores'
   clean estimates there give the gradient ``(x_fake - x_real) / mean|x - x_real|`` of the reverse
   KL, applied as ``0.5 (x - sg(x - grad))^2``. Scores see the student's clean video as history."""
@@ -385,9 +409,11 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
                                    model.context_kv(clean, f, text), f, text)
     return jax.lax.stop_gradient(flow.x0_from_velocity(x_t, v, sigma))
 
-  def loss_fn(params, fake_params, real_params, micro, exit_step):
+  def loss_fn(params, fake_params, real_params, micro, exit_step, frozen):
     inputs, clean, context, sigma, eps = micro
-    x0 = exit_estimate(graphdef, cfg, params, inputs, exit_step, clean, context)
+    full = lambda p: lora_lib.view(frozen, p, lora)
+    x0 = exit_estimate(graphdef, cfg, full(params), inputs, exit_step, clean, context)
+    fake_params, real_params = full(fake_params), full(real_params)
     sample = jax.lax.stop_gradient(x0)
     x_t = flow.add_noise(sample, eps, sigma)
     real = estimate(real_params, x_t, sigma, sample, context)
@@ -398,7 +424,7 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
     return loss, jnp.mean(jnp.abs(grad))
 
   def step(student, fake_params, real_params, inputs, clean, context, exit_step, key,
-           step_index):
+           step_index, frozen=None):
     k_sig, k_eps = jax.random.split(key)
     lo, hi = cfg.dmd_sigma
     sigma = flow.shift_sigma(jax.random.uniform(k_sig, (clean.shape[0], 1), minval=lo, maxval=hi),
@@ -406,7 +432,8 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
     sigma = jnp.broadcast_to(sigma, clean.shape[:2])           # one level per video
     eps = jax.random.normal(k_eps, clean.shape, clean.dtype)
     grads, (loss, grad_size) = accumulate(
-        jax.value_and_grad(lambda p, m: loss_fn(p, fake_params, real_params, m, exit_step),
+        jax.value_and_grad(lambda p, m: loss_fn(p, fake_params, real_params, m, exit_step,
+                                                frozen),
                            has_aux=True),
         student["params"], (inputs, clean, context, sigma, eps), cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
@@ -417,24 +444,24 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig):
 
 
 def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
-                 critic: bool = False):
-  """``(student, x0, context, key, step) -> (student, metrics)``: plain flow matching on clean
-  videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
+                 critic: bool = False, lora: lora_lib.LoRA | None = None):
+  """``(student, x0, context, key, step[, frozen]) -> (student, metrics)``: plain flow matching on
+  clean videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
   level and sees the clean video as history (the cached teacher-forcing layout). ``critic``:
   the DMD fake score on the student's samples, at the levels the DMD loss compares scores
   (``dmd_sigma``), its metrics under ``critic/``."""
   f = cfg.chunk_frames
 
-  def loss_fn(p, micro):
+  def loss_fn(p, micro, frozen):
     x0, context, sig, eps = micro
     x_t = flow.add_noise(x0, eps, sig)
-    model = nnx.merge(graphdef, p)
+    model = merged(graphdef, lora, frozen, p)
     text = model.text_kv(context)
     ctx = jax.lax.stop_gradient(model.context_kv(x0, f, text))
     v = model.forward_with_context(x_t, sig * flow.NUM_TRAIN_TIMESTEPS, ctx, f, text)
     return jnp.mean(jnp.square(v - flow.velocity_target(x0, eps)))
 
-  def step(student, x0, context, key, step_index):
+  def step(student, x0, context, key, step_index, frozen=None):
     k_lvl, k_eps = jax.random.split(key)
     if critic:
       lo, hi = cfg.dmd_sigma
@@ -443,7 +470,8 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     else:
       sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                  # [B, F]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    grads, loss = accumulate(jax.value_and_grad(loss_fn), student["params"],
+    grads, loss = accumulate(jax.value_and_grad(lambda p, m: loss_fn(p, m, frozen)),
+                             student["params"],
                              (x0, context, sig, eps), cfg.micro_batches)
     prefix = "critic" if critic else "student"
     student, metrics = _apply_update(student, grads, tx, cfg, step_index, prefix)

@@ -15,6 +15,7 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from afd_jax import data as data_lib
 from afd_jax import errors
 from afd_jax import evaluation
 from afd_jax import lock as lock_lib
+from afd_jax import lora as lora_lib
 from afd_jax import mesh as mesh_lib
 from afd_jax import methods
 from afd_jax import metrics as metrics_lib
@@ -57,8 +59,9 @@ class Trainer:
     self._stop_requested = False
     # Resuming: shapes and shardings only, restored into (a fresh state would double the memory).
     self.nets, self.state = state_lib.build_state(config, self.mesh, abstract=ckpt_lib.has_checkpoints(
-        self.workdir / "checkpoints"))
+        self.workdir / "checkpoints"), abstract_base=False)
     self.state_sharding = self.nets.state_sharding
+    self.frozen = self.nets.frozen   # the bases adapters apply to (None: trained fully)
     self.student_graph = self.nets.student_graph
     self.student_cfg = self.nets.student_config
     methods.check_divisibility(config, self.mesh, self.student_cfg)
@@ -66,8 +69,9 @@ class Trainer:
     self.pool = self.data.pool
     self.latent_shape = self.data.latent_shape
     self.fns = programs.make_step_fns(config, self.nets, self.mesh, self.latent_shape)
-    self.evaluator = evaluation.Evaluator(config, self.data, self.fns.rollout, self.fns.noise,
-                                          self.mesh, self.workdir)
+    rollout = functools.partial(self.fns.rollout, frozen=self.frozen["student"])
+    self.evaluator = evaluation.Evaluator(config, self.data, rollout, self.fns.noise, self.mesh,
+                                          self.workdir)
     # Physics teacher: what the discriminator (or oracle) rewards, measured on every rollout.
     self.diagnose = (self.data.physics_world is not None
                      and self.method in (*methods.NFT, "gan"))
@@ -102,7 +106,7 @@ class Trainer:
     clock = _Clock()
     if self.method not in methods.ON_POLICY:
       state["student"], metrics = self.fns.fm(state["student"], teacher, context, keys["student"],
-                                             state["step"])
+                                             state["step"], self.frozen["student"])
       clock.lap("student", metrics)
     elif self.method in methods.GENERATOR:
       metrics = self._generator_iteration(step, context, teacher, keys, clock)
@@ -120,7 +124,7 @@ class Trainer:
     state = self.state
     rows = methods.rollout_rows(self.config)
     x_student = self.fns.rollout(state["old"], self.fns.noise(keys["noise"], rows), context,
-                                 keys["rollout"])
+                                 keys["rollout"], None, self.frozen["student"])
     clock.lap("rollout", x_student)
     physics = None
     if self.method == "afd_oracle" or self.diagnose:
@@ -141,8 +145,8 @@ class Trainer:
     if step == self.config.debug.nan_at_step:
       x_student = x_student * jnp.nan
     state["student"], student_metrics = self.fns.student(
-        state["student"], state["old"], state["ref"], x_student, context, r, keys["student"],
-        state["step"])
+        state["student"], state["old"], state.get("ref"), x_student, context, r, keys["student"],
+        state["step"], self.frozen["student"])
     state["old"] = self.fns.old(state["old"], state["student"]["params"], state["step"] + 1)
     clock.lap("student", state["old"])
     return dict(metrics, **student_metrics, **adv_metrics)
@@ -158,7 +162,8 @@ class Trainer:
                  else jnp.asarray(steps_per_chunk - 1))
     params = state["student"]["params"]
     x_student, inputs = self.fns.train_rollout(
-        params, self.fns.noise(keys["noise"], methods.rollout_rows(cfg)), context, k_roll, exit_step)
+        params, self.fns.noise(keys["noise"], methods.rollout_rows(cfg)), context, k_roll,
+        exit_step, self.frozen["student"])
     clock.lap("rollout", x_student)
     if step == cfg.debug.nan_at_step:
       x_student = x_student * jnp.nan
@@ -171,16 +176,16 @@ class Trainer:
                                   self.rollout_physics(x_student, self.step_ids(step))))
       state["student"], student_metrics = self.fns.student(
           state["student"], state["disc"]["params"], inputs, x_student, teacher, context,
-          exit_step, keys["student"], state["step"])
+          exit_step, keys["student"], state["step"], self.frozen["student"], self.frozen["disc"])
     else:
-      state["critic"], metrics = self.fns.critic(state["critic"], x_student, context,
-                                                 keys["disc"], state["step"])
+      state["critic"], metrics = self.fns.critic(state["critic"], x_student, context, keys["disc"],
+                                                 state["step"], self.frozen["student"])
       clock.lap("score", metrics)
       student_metrics = {}
       if (step + 1) % cfg.dmd.critic_ratio == 0:
         state["student"], student_metrics = self.fns.student(
-            state["student"], state["critic"]["params"], state["ref"], inputs, x_student,
-            context, exit_step, keys["student"], state["step"])
+            state["student"], state["critic"]["params"], state.get("ref"), inputs, x_student,
+            context, exit_step, keys["student"], state["step"], self.frozen["student"])
     clock.lap("student", state["student"]["params"])
     return dict(metrics, **student_metrics)
 
@@ -190,10 +195,10 @@ class Trainer:
     disc = self.state["disc"]
     if train:
       params, opt, out = self.fns.disc(disc["params"], disc["opt"], teacher, x_student, context,
-                                       key)
+                                       key, self.frozen["disc"])
       self.state["disc"] = {"params": params, "opt": opt}
     else:
-      out = self.fns.score(disc["params"], teacher, x_student, context, key)
+      out = self.fns.score(disc["params"], teacher, x_student, context, key, self.frozen["disc"])
     out["metrics"]["disc/trained"] = float(train)
     return out
 
@@ -234,7 +239,10 @@ class Trainer:
   def _identity(self) -> dict:
     """What a resumed run must share with its checkpoint to continue the same run."""
     d = self.config.data
+    lora = lambda spec: spec and [spec.rank, spec.alpha, list(spec.targets)]
     return {**{f"model.{k}": v for k, v in self.student_cfg.architecture().items()},
+            "model.lora (rank, alpha, targets)": lora(self.nets.lora["student"]),
+            "disc.lora (rank, alpha, targets)": lora(self.nets.lora["disc"]),
             "data.batch_size": d.batch_size,
             "afd.group_size": self.config.afd.group_size,
             "video (frames, height, width)": [d.num_frames, d.height, d.width]}
@@ -256,6 +264,14 @@ class Trainer:
         self.state = state_lib.build_state(self.config, self.mesh)[1]
       return 0
     step, self.state, _ = restored
+    for name, fingerprint in self.nets.fingerprint.items():
+      saved = np.asarray(self.state["lora_base"][name].addressable_data(0))
+      if not lora_lib.same_base(saved, np.asarray(fingerprint.addressable_data(0))):
+        field = "config.model.checkpoint" if name == "student" else "config.disc.checkpoint"
+        raise errors.UserError(
+            f"the {name} adapters in {ckpt.directory} (step {step}) were trained on another base "
+            f"than {field}={self.config[field.split('.')[1]].checkpoint!r} holds now; point it at "
+            "the weights the run started from, or use a new --workdir.")
     logging.info("resumed from step %d in %s", step, ckpt.directory)
     return step
 
@@ -266,7 +282,10 @@ class Trainer:
 
   def initial_student(self):
     """The student's parameters before any training: ``model.checkpoint`` or the seed's init
-    (built afresh when the state is waiting for a checkpoint)."""
+    (built afresh when the state is waiting for a checkpoint); with adapters, None (the base,
+    adapters off, which is where they start)."""
+    if self.nets.lora["student"]:
+      return None
     if not self.abstract and int(self.state["step"]) == 0:
       return self.copy(self.state["student"]["params"])
     rules = mesh_lib.check_rules(self.config.logical_rules)
@@ -351,7 +370,8 @@ class Trainer:
           logging.warning("stopped after step %d on SIGTERM; resume with the same command.", done)
           return {"stopped_at": done, **last}
         if config.train.export:  # every host writes its shards
-          logging.info("exported the EMA student to %s", self.export(config.train.export))
+          logging.info("exported the EMA student to %s",
+                       self.export(config.train.export, config.train.export_format))
         samples = self.evaluate(total)
     finally:
       prefetch.close(wait=not self._stop_requested)
@@ -395,9 +415,14 @@ class Trainer:
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t),
                    out_shardings=self.state_sharding["student"]["params"])(params)
 
-  def export(self, path) -> Path:
-    """The EMA student as a converted checkpoint (``wan.from_pretrained(path)`` loads it)."""
-    model = nnx.merge(self.student_graph, self.copy(self.state["student"]["ema"]))
+  def export(self, path, fmt: str = "converted") -> Path:
+    """The EMA student, adapters merged into the base, as a checkpoint ``wan.from_pretrained``
+    loads: ``converted`` (Orbax, sharded writes) or ``diffusers`` (also read by diffusers'
+    ``WanTransformer3DModel.from_pretrained``)."""
+    model = steps.merged(self.student_graph, self.nets.lora["student"], self.frozen["student"],
+                         self.copy(self.state["student"]["ema"]))
+    if fmt == "diffusers":
+      return wan_checkpoint.save_diffusers(model, path)
     return wan_checkpoint.save_converted(model, path, source=f"afd_jax {self.method} "
                                          f"{self.workdir}")
 

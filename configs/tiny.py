@@ -22,6 +22,11 @@ def get_config():
   c.model.attention_kernel = "auto"
   c.model.scan_layers = True
   c.model.remat_policy = "none"
+  # > 0: train low-rank adapters of this rank over the frozen base (afd_jax/lora.py); the EMA, the
+  # old policy and the reference share that base. Targets: regexes over parameter paths.
+  c.model.lora_rank = 0
+  c.model.lora_alpha = 32.0
+  c.model.lora_targets = (r"(self_attn|cross_attn)/[qkvo]/kernel$", r"ffn_(in|out)/kernel$")
   # WanConfig architecture fields over the preset (random init); None keeps the preset's value.
   c.model.overrides = ml_collections.ConfigDict(
       {**{k: config_dict.placeholder(int) for k in ("dim", "ffn_dim", "num_heads", "num_layers",
@@ -35,6 +40,9 @@ def get_config():
   c.disc.readout_layers = (0, 1)
   c.disc.readout_ffn_dim = 128
   c.disc.freeze_below = 0
+  c.disc.lora_rank = 0                 # > 0: trunk tuned by adapters; readouts, head train fully
+  c.disc.lora_alpha = 256.0
+  c.disc.lora_targets = (r"(self_attn|cross_attn)/[qkvo]/kernel$", r"ffn_(in|out)/kernel$")
   c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
 
   c.rollout = ml_collections.ConfigDict()
@@ -112,7 +120,8 @@ def get_config():
   c.train.max_nonfinite = 5
   c.train.micro_batches = 1            # gradient accumulation: the batch in this many slices
   c.train.eval_every = 0               # evaluate held-out prompts every N steps (0: at the end)
-  c.train.export = ""                  # write the EMA student here at the end (convert_wan format)
+  c.train.export = ""                  # write the EMA student here at the end (adapters merged)
+  c.train.export_format = "converted"  # converted (Orbax, convert_wan's) | diffusers (safetensors)
 
   c.mesh = ml_collections.ConfigDict()   # axis sizes; one may be -1 (the devices left over)
   c.mesh.num_devices = 0               # 0: all visible devices

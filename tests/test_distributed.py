@@ -70,7 +70,7 @@ def test_two_processes_train_checkpoint_and_one_process_continues(tmp_path, capl
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
   assert "process 0 of 2: 4 local / 8 global devices" in outs[0]
-  assert "steps/s" in outs[0] and "steps/s" not in outs[1]  # progress from process 0 only
+  assert "it/s" in outs[0] and "it/s" not in outs[1]  # progress from process 0 only
   lines = (work / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]  # one writer, not two
   assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2", "4"]

@@ -116,3 +116,23 @@ def test_sharded_afd_steps_match_one_device(single_device, axes, tmp_path):
       if key in x:
         np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-6, err_msg=key)
   assert_same_run(ref_state, state, c)
+
+
+def test_sharded_lora_steps_match_one_device(tmp_path):
+  """LoRA on the student and the discriminator's trunk: adapters sharded from their kernels'
+  rules (A on the input axes, B on the output axis), the frozen bases by theirs."""
+  from afd_jax.models import wan_checkpoint
+  from conftest import randomize
+  base = randomize(wan.init(wan.preset("tiny", num_layers=1)), seed=3, scale=0.2)
+  lora = {"model.checkpoint": str(wan_checkpoint.save_converted(base, tmp_path / "base")),
+          "model.lora_rank": 4, "disc.lora_rank": 4}
+  ref_state, ref_metrics = _two_iterations(config(**lora), tmp_path / "one")
+  c = config(**lora, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 4})
+  state, metrics = _two_iterations(c, tmp_path / "eight")
+  for x, y in zip(ref_metrics, metrics):
+    for key in ("disc/bt_loss", "nft/loss", "student/loss", "student/grad_norm"):
+      np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-6, err_msg=key)
+  assert ref_metrics[-1]["student/grad_norm"] > 0
+  b = state["student"]["params"]["adapters"]["blocks"]["ffn_in"]["kernel"]["b"]
+  assert np.any(np.asarray(b))
+  assert_same_run(ref_state, state, c)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from afd_jax import mesh as mesh_lib
 from afd_jax import state as state_lib
@@ -66,6 +67,30 @@ def test_plan_lowers_every_afd_step_from_abstract_state():
     for name, (fn, args) in programs.items():
       text = fn.lower(*args).as_text()
       assert "sharding" in text, name
+
+
+@pytest.mark.parametrize("method", ["afd", "gan", "dmd"])
+def test_lora_plans_adapters_over_one_base_and_holds_less(method, tmp_path):
+  """With adapters the state holds adapter sets (no reference copy) and the plan counts the
+  frozen bases; every step of the method lowers against the abstract bases."""
+  overrides = {"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 4, "method": method}
+  if method == "dmd":  # dmd distils a score model: any checkpoint (only its config is read)
+    from afd_jax.models import wan, wan_checkpoint
+    overrides["model.checkpoint"] = str(wan_checkpoint.save_converted(
+        wan.init(wan.preset("tiny", num_layers=1)), tmp_path / "base"))
+  full = get_config(**overrides)
+  lora = get_config(**overrides, **{"model.lora_rank": 2, "disc.lora_rank": 2})
+  mesh = mesh_lib.mesh_from_config(full)
+  _, full_state = state_lib.build_state(full, mesh, abstract=True)
+  nets, state = state_lib.build_state(lora, mesh, abstract=True)
+  assert "ref" not in state and ("ref" in full_state) == (method != "gan")
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nets.frozen))
+  size = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  assert size(state) + size(nets.frozen) < 0.6 * size(full_state)
+  programs = plan.step_inputs(lora, nets, state, mesh, (6, 4, 6, 16))
+  with jax.set_mesh(mesh):
+    for name, (fn, args) in programs.items():
+      assert "sharding" in fn.lower(*args).as_text(), name
 
 
 def test_plan_refuses_a_mesh_the_model_does_not_divide(tmp_path):

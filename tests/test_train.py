@@ -191,6 +191,9 @@ def test_preemption_and_kill_resume_bit_identically(tmp_path, caplog):
   term = _run(work, **{"debug.term_at_step": 1})
   assert term.returncode == 0, term.stderr[-3000:]
   assert "stopped after step 1 on SIGTERM" in term.stderr
+  # The console: a progress line, no library INFO chatter, the resolved config in the workdir.
+  assert "step 1/4 [###-" in term.stderr and "checkpoint_manager.py" not in term.stderr
+  assert json.loads((work / "config.json").read_text())["method"] == "afd"
   killed = _run(work, **{"debug.kill_at_step": 3})
   assert killed.returncode == -9
   assert "resumed from step 1" in killed.stderr

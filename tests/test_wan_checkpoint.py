@@ -109,6 +109,14 @@ def write_original(sd, directory, shards=1):
   return directory
 
 
+def test_original_and_diffusers_names_map_both_ways():
+  """The export's renames (``save_diffusers``) are the documented table, and invert the reader's."""
+  for key in original_keys(2):
+    name = wan_checkpoint.original_to_diffusers(key)
+    assert name == to_diffusers_name(key), key
+    assert wan_checkpoint.diffusers_to_original(name) == key
+
+
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference (diffusers).
 

@@ -13,6 +13,8 @@ Layouts (detected from ``config.json`` ``_class_name`` or, without one, from the
 Everything is mapped to original Wan key names, validated (missing, unexpected and mis-shaped keys
 are listed together), converted to the NNX layout (linear weights transposed, the patch conv
 flattened channel-last, blocks stacked on a leading layer axis) and merged into a ``WanModel``.
+``save_diffusers`` writes the way back (a plain diffusers checkpoint, e.g. a merged LoRA export).
+The files themselves are read and written by ``weights.py`` (shared with the VAE loader).
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
 from afd_jax import errors
 from afd_jax.models import wan
+from afd_jax.models import weights
+from afd_jax.models.weights import CheckpointError
 
 CONVERTED_MARKER = "afd_wan.json"
 FORMAT_NAME = "afd_jax.wan"
@@ -38,110 +40,45 @@ FORMAT_VERSION = 1
 _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-class CheckpointError(errors.UserError):
-  """A checkpoint that cannot be read as a Wan2.1 transformer; the message says why and what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Raw tensor readers.
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Memory-maps a ``.safetensors`` file (bf16 included, no torch needed)."""
-  path = Path(path)
-  size = path.stat().st_size
-  try:
-    with open(path, "rb") as fh:
-      (n,) = struct.unpack("<Q", fh.read(8))
-      if n <= 0 or 8 + n > size:
-        raise errors.UserError(f"header length {n} does not fit a {size}-byte file")
-      header = json.loads(fh.read(n))
-  except (struct.error, ValueError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path} is not a valid safetensors file ({e}); it may be truncated or "
-                          "corrupt: download or write it again.") from e
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    start, end = info.get("data_offsets", (0, -1))
-    if dtype is None:
-      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
-    if end > data.size or end - start != np.dtype(dtype).itemsize * int(np.prod(info["shape"])):
-      raise CheckpointError(f"{path}: tensor {name!r} points outside the file or has the wrong byte "
-                            "size; the file is truncated or corrupt.")
-    out[name] = data[start:end].view(dtype).reshape(info["shape"])
-  return out
-
-
-def read_torch(path, pt_key: str | None = None,
-               convert: str = "python -m afd_jax.tools.convert_wan SRC DST") -> dict[str, np.ndarray]:
-  """Reads a torch pickle of tensors (a Self-Forcing / CausVid ``.pt``, ``Wan2.1_VAE.pth``; needs
-  torch) into numpy arrays; ``convert`` is the command the missing-torch error suggests."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-        f"{path} is a PyTorch checkpoint and reading it needs torch, which is not installed. "
-        "Install it with `pip install 'afd_jax[torch]'`, or convert the file once on a machine "
-        f"with torch: `{convert}`.") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except Exception as e:  # torch raises many types for damaged pickles
-    raise CheckpointError(f"could not unpickle {path}: {e}. The file may be truncated or not a "
-                          "torch checkpoint.") from e
-  if not isinstance(obj, dict):
-    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of state dicts.")
-  keys = [pt_key] if pt_key else ["generator_ema", "generator", "model", "state_dict"]
-  state = next((obj[k] for k in keys if k in obj and isinstance(obj[k], dict)), None)
-  if state is None:
-    if pt_key or not all(hasattr(v, "shape") for v in obj.values()):
-      raise CheckpointError(f"{path} has no state dict under {keys}; top-level keys: "
-                            f"{sorted(obj)[:20]}. Pass pt_key= to pick one.")
-    state = obj
-  out = {}
-  for k, t in state.items():
-    t = t.detach().cpu().contiguous()
-    out[k] = (t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
-              else t.numpy())
-  return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Key names.
 
-_DIFFUSERS_TO_ORIGINAL = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"\.scale_shift_table$", ".modulation"),
-    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-    (r"\.ffn\.net\.2\.", ".ffn.2."),
-    (r"\.norm2\.", ".norm3."),
-    (r"\.attn1\.to_out\.0\.", ".self_attn.o."),
-    (r"\.attn1\.to_([qkv])\.", r".self_attn.\1."),
-    (r"\.attn1\.norm_([qk])\.", r".self_attn.norm_\1."),
-    (r"\.attn2\.to_out\.0\.", ".cross_attn.o."),
-    (r"\.attn2\.to_([qkv])\.", r".cross_attn.\1."),
-    (r"\.attn2\.norm_([qk])\.", r".cross_attn.norm_\1."),
+# (original, diffusers) key fragments, applied in this order in either direction; "^" and "$"
+# anchor a fragment to the start or end of the key.
+_RENAMES = [
+    ("^time_embedding.0.", "^condition_embedder.time_embedder.linear_1."),
+    ("^time_embedding.2.", "^condition_embedder.time_embedder.linear_2."),
+    ("^text_embedding.0.", "^condition_embedder.text_embedder.linear_1."),
+    ("^text_embedding.2.", "^condition_embedder.text_embedder.linear_2."),
+    ("^time_projection.1.", "^condition_embedder.time_proj."),
+    ("^head.modulation$", "^scale_shift_table$"),
+    ("^head.head.", "^proj_out."),
+    (".modulation$", ".scale_shift_table$"),
+    (".ffn.0.", ".ffn.net.0.proj."),
+    (".ffn.2.", ".ffn.net.2."),
+    (".norm3.", ".norm2."),
+    *[(f".{ours}.{p}.", f".{theirs}.{q}.")
+      for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for p, q in (("o", "to_out.0"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"),
+                   ("norm_q", "norm_q"), ("norm_k", "norm_k"))],
 ]
 
 
-def diffusers_to_original(key: str) -> str:
-  for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
-    key = re.sub(pattern, repl, key)
+def _rename(key: str, to_diffusers: bool) -> str:
+  for original, diffusers in _RENAMES:
+    src, dst = (original, diffusers) if to_diffusers else (diffusers, original)
+    pattern = (("^" if src[0] == "^" else "") + re.escape(src.strip("^$"))
+               + ("$" if src[-1] == "$" else ""))
+    key = re.sub(pattern, lambda _, dst=dst: dst.strip("^$"), key)
   return key
+
+
+def diffusers_to_original(key: str) -> str:
+  return _rename(key, to_diffusers=False)
+
+
+def original_to_diffusers(key: str) -> str:
+  return _rename(key, to_diffusers=True)
 
 
 def strip_wrappers(key: str) -> str:
@@ -254,6 +191,62 @@ def state_from_original(sd: dict[str, np.ndarray], cfg: wan.WanConfig) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
+def _untransform(arr: np.ndarray, kind: str, cfg: wan.WanConfig) -> np.ndarray:
+  """The checkpoint's layout of an NNX array (inverse of ``_transform``)."""
+  if kind == "linear":
+    return arr.T
+  if kind == "conv":
+    pt, ph, pw = cfg.patch_size
+    return arr.reshape(pt, ph, pw, cfg.in_dim, cfg.dim).transpose(4, 3, 0, 1, 2)
+  return arr
+
+
+def original_from_state(pure: dict, cfg: wan.WanConfig) -> dict[str, np.ndarray]:
+  """Original-named, torch-layout arrays of an NNX pure-dict state (inverse of
+  :func:`state_from_original`)."""
+  flat = {tuple(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(pure).items()}
+  out = {k: _untransform(flat[path], kind, cfg) for k, (path, kind) in _TOP.items()}
+  for i in range(cfg.num_layers):
+    for k, (path, kind) in _block_keys(cfg).items():
+      out[f"blocks.{i}.{k}"] = _untransform(flat[("blocks",) + path][i], kind, cfg)
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def diffusers_config(cfg: wan.WanConfig) -> dict:
+  """``config.json`` of diffusers' ``WanTransformer3DModel`` for ``cfg`` (plus ``text_len``,
+  which diffusers leaves to its pipeline and ignores here, so the model reads back exactly)."""
+  return {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size),
+          "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+          "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim,
+          "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
+          "cross_attn_norm": cfg.cross_attn_norm,
+          "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None, "eps": cfg.eps,
+          "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+          "text_len": cfg.text_len}
+
+
+def save_diffusers(model: wan.WanModel, dst) -> Path:
+  """Writes ``model`` as a plain diffusers checkpoint (``config.json`` and float32
+  ``diffusion_pytorch_model.safetensors``): ``WanTransformer3DModel.from_pretrained(dst)`` and
+  ``wan.from_pretrained(dst)`` read it. Every host gathers; process 0 writes."""
+  import safetensors.numpy
+  from jax.experimental import multihost_utils
+
+  dst = Path(dst).absolute()
+  if (dst / "config.json").exists():
+    raise FileExistsError(f"{dst} already holds a checkpoint; choose another destination.")
+  pure = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True),
+                                           np.float32), nnx.to_pure_dict(nnx.state(model)))
+  sd = {original_to_diffusers(k): v for k, v in original_from_state(pure, model.config).items()}
+  if jax.process_index() == 0:
+    dst.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(sd, dst / "diffusion_pytorch_model.safetensors")
+    tmp = dst / "config.json.tmp"   # written last: a folder without it is an interrupted export
+    tmp.write_text(json.dumps(diffusers_config(model.config), indent=2))
+    os.replace(tmp, dst / "config.json")
+  return dst
+
+
 def _natural(key: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
@@ -283,7 +276,8 @@ def config_from_json(cfg_json: dict, source) -> dict:
             "patch_size": tuple(cfg_json["patch_size"]), "freq_dim": cfg_json["freq_dim"],
             "text_dim": cfg_json["text_dim"], "eps": cfg_json.get("eps", 1e-6),
             "qk_norm": cfg_json.get("qk_norm") is not None,
-            "cross_attn_norm": cfg_json.get("cross_attn_norm", True)}
+            "cross_attn_norm": cfg_json.get("cross_attn_norm", True),
+            **({"text_len": cfg_json["text_len"]} if "text_len" in cfg_json else {})}
   raise CheckpointError(f"{source}: unknown checkpoint layout: config.json has _class_name {cls!r}; "
                         "expected 'WanModel' (original Wan-AI) or 'WanTransformer3DModel' (diffusers).")
 
@@ -319,41 +313,6 @@ def config_from_shapes(sd: dict[str, np.ndarray], num_heads: int | None) -> dict
 _RUNTIME = set(wan.WanConfig.RUNTIME_FIELDS)
 
 
-def safetensor_files(directory: Path) -> list[Path]:
-  for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
-    index = directory / index_name
-    if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      files = [directory / f for f in sorted(set(weight_map.values()))]
-      absent = [f.name for f in files if not f.exists()]
-      if absent:
-        raise CheckpointError(f"{index} lists shards that are missing: {absent}.")
-      return files
-  return sorted(directory.glob("*.safetensors"))
-
-
-def read_json(path: Path) -> dict:
-  """A checkpoint's JSON (``config.json``, the converted marker), or one line naming the file."""
-  try:
-    value = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} is not readable JSON ({e}); restore it from the source "
-                          "checkpoint.") from e
-  if not isinstance(value, dict):
-    raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object.")
-  return value
-
-
-def check_finite(pure: dict, source) -> dict:
-  """``pure`` (a nested dict of weights), or an error naming the weights that hold NaN or inf."""
-  from afd_jax import checkpoint as ckpt_lib
-  bad = ckpt_lib.nonfinite(pure)
-  if bad:
-    raise CheckpointError(f"{source} holds non-finite weights in {len(bad)} tensor(s), e.g. "
-                          f"{', '.join(bad[:3])}; it cannot be trained from.")
-  return pure
-
-
 def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
   """Returns ``(original-named state dict, architecture fields)`` for any supported layout."""
   path = Path(path)
@@ -364,8 +323,8 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
       path = path / "transformer"
     if (path / "config.json").exists():
-      cfg_json = read_json(path / "config.json")
-    files = safetensor_files(path)
+      cfg_json = weights.read_json(path / "config.json")
+    files = weights.safetensor_files(path)
     if not files:
       raise CheckpointError(
           f"unknown checkpoint layout in {path}: no *.safetensors, {CONVERTED_MARKER} or .pt found. "
@@ -373,13 +332,13 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
           "folder written by `python -m afd_jax.tools.convert_wan`.")
     sd = {}
     for f in files:
-      sd.update(read_safetensors(f))
+      sd.update(weights.read_safetensors(f))
   elif path.suffix == ".safetensors":
-    sd = read_safetensors(path)
+    sd = weights.read_safetensors(path)
     if (path.parent / "config.json").exists():
-      cfg_json = read_json(path.parent / "config.json")
+      cfg_json = weights.read_json(path.parent / "config.json")
   elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-    sd = {strip_wrappers(k): v for k, v in read_torch(path, pt_key).items()}
+    sd = {strip_wrappers(k): v for k, v in weights.read_torch(path, pt_key).items()}
   else:
     raise CheckpointError(f"unknown checkpoint layout: {path} (expected a folder, .safetensors or "
                           ".pt/.pth file).")
@@ -407,7 +366,7 @@ def load(path, *, pt_key: str | None = None, num_heads: int | None = None, shard
     return load_converted(path, shardings=shardings, **runtime)
   sd, arch = read_state_dict(path, pt_key=pt_key, num_heads=num_heads)
   cfg = wan.WanConfig(**arch, **runtime)
-  return _merge(cfg, check_finite(state_from_original(sd, cfg), path), shardings)
+  return _merge(cfg, weights.check_finite(state_from_original(sd, cfg), path), shardings)
 
 
 def load_config(path, *, pt_key: str | None = None, num_heads: int | None = None,
@@ -433,56 +392,15 @@ def _merge(cfg: wan.WanConfig, pure: dict, shardings=None) -> wan.WanModel:
 # The converted (Orbax) format.
 
 
-def write_orbax(pure: dict, dst, marker: str, meta: dict) -> Path:
-  """Writes ``pure`` as ``dst/params`` (Orbax) plus the JSON ``dst/marker`` (written last, so a
-  folder without it is an interrupted conversion)."""
-  import orbax.checkpoint as ocp
-
-  dst = Path(dst).absolute()
-  if (dst / marker).exists() or (dst / "params").exists():
-    raise FileExistsError(f"{dst} already holds a converted checkpoint; choose another destination.")
-  dst.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(dst / "params", pure)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:  # multi-host: every host saved its shards above, one writes this
-    tmp = dst / (marker + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, dst / marker)
-  return dst
-
-
-def read_marker(path: Path, marker: str, format_name: str, version: int) -> dict:
-  """The JSON beside a converted ``params/`` tree, checked for format and completeness."""
-  meta = read_json(path / marker)
-  if meta.get("format") != format_name or meta.get("version") != version:
-    raise CheckpointError(f"{path / marker} is format {meta.get('format')!r} v"
-                          f"{meta.get('version')}; this afd_jax reads {format_name} v{version}.")
-  if not (path / "params").exists():
-    raise CheckpointError(f"{path} has {marker} but no params/ folder; convert again.")
-  return meta
-
-
-def read_orbax(path: Path, target):
-  """Restores ``path/params`` into ``target`` (a tree of ShapeDtypeStructs, with shardings or not)."""
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as ckptr:
-    try:
-      return ckptr.restore(path / "params", target)
-    except Exception as e:  # orbax raises a variety of errors for damaged trees
-      raise CheckpointError(f"could not restore {path / 'params'}: {e}") from e
-
-
 def save_converted(model: wan.WanModel, dst, source: str = "") -> Path:
   """Writes ``model`` as ``dst/params`` (Orbax) plus ``dst/afd_wan.json``."""
   meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
           "config": model.config.architecture()}
-  return write_orbax(nnx.to_pure_dict(nnx.state(model)), dst, CONVERTED_MARKER, meta)
+  return weights.write_orbax(nnx.to_pure_dict(nnx.state(model)), dst, CONVERTED_MARKER, meta)
 
 
 def _converted_meta(path: Path) -> dict:
-  return read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
+  return weights.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
 
 
 def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
@@ -495,5 +413,5 @@ def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
                           nnx.to_pure_dict(state), shardings(state))
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, check_finite(read_orbax(path, target), path))
+  nnx.replace_by_pure_dict(state, weights.check_finite(weights.read_orbax(path, target), path))
   return nnx.merge(graphdef, state)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from afd_jax import errors
-from afd_jax.models import wan_checkpoint as io
+from afd_jax.models import weights
 from afd_jax.models import wan_vae
 
 CONVERTED_MARKER = "afd_wan_vae.json"
@@ -35,7 +35,7 @@ ORIGINAL_FILE = "Wan2.1_VAE.pth"
 CONVERT = "python -m afd_jax.tools.convert_wan_vae SRC DST"
 
 
-class VAECheckpointError(io.CheckpointError):
+class VAECheckpointError(weights.CheckpointError):
   """Weights that cannot be read as the Wan2.1 VAE; the message says why and what to do."""
 
 
@@ -205,9 +205,9 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
     if (path / ORIGINAL_FILE).exists():
       return read_state_dict(path / ORIGINAL_FILE)
     if (path / "config.json").exists():
-      cfg_json = io.read_json(path / "config.json")
+      cfg_json = weights.read_json(path / "config.json")
       config_from_json(cfg_json, path)  # refuse a non-VAE folder before reading its weights
-    files = io.safetensor_files(path)
+    files = weights.safetensor_files(path)
     if not files:
       raise VAECheckpointError(
           f"unknown Wan VAE layout in {path}: no {ORIGINAL_FILE}, *.safetensors or "
@@ -215,13 +215,13 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
           f"{ORIGINAL_FILE} or a folder written by `{CONVERT}`.")
     sd = {}
     for f in files:
-      sd.update(io.read_safetensors(f))
+      sd.update(weights.read_safetensors(f))
   elif path.suffix == ".safetensors":
-    sd = io.read_safetensors(path)
+    sd = weights.read_safetensors(path)
     if (path.parent / "config.json").exists():
-      cfg_json = io.read_json(path.parent / "config.json")
+      cfg_json = weights.read_json(path.parent / "config.json")
   elif path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-    sd = io.read_torch(path, convert=CONVERT)
+    sd = weights.read_torch(path, convert=CONVERT)
   else:
     raise VAECheckpointError(f"unknown Wan VAE layout: {path} (expected {ORIGINAL_FILE}, a "
                              ".safetensors file or a folder).")
@@ -266,7 +266,7 @@ def load_config(path, **runtime) -> wan_vae.VAEConfig:
   """The architecture of a checkpoint; a converted one's is read from its JSON alone."""
   path = Path(path)
   if path.is_dir() and (path / CONVERTED_MARKER).exists():
-    meta = io.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
+    meta = weights.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
     return _runtime_config(meta["config"], runtime)
   return _runtime_config(read_state_dict(path)[1], runtime)
 
@@ -275,16 +275,16 @@ def save_converted(vae: wan_vae.WanVAE, dst, source: str = "") -> Path:
   """Writes ``vae`` as ``dst/params`` (Orbax) plus ``dst/afd_wan_vae.json``."""
   meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source),
           "config": vae.config.architecture()}
-  return io.write_orbax(nnx.to_pure_dict(nnx.state(vae)), dst, CONVERTED_MARKER, meta)
+  return weights.write_orbax(nnx.to_pure_dict(nnx.state(vae)), dst, CONVERTED_MARKER, meta)
 
 
 def load_converted(path, **runtime) -> wan_vae.WanVAE:
   path = Path(path).absolute()
-  meta = io.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
+  meta = weights.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
   cfg = _runtime_config(meta["config"], runtime)
   graphdef, state = nnx.split(wan_vae.abstract(cfg))
   pdt = jnp.dtype(cfg.param_dtype)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, io.read_orbax(path, target))
+  nnx.replace_by_pure_dict(state, weights.read_orbax(path, target))
   return nnx.merge(graphdef, state)
 

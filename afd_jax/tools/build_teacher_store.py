@@ -1,7 +1,8 @@
 """Build a teacher store from videos a teacher already made (any model, any machine).
 
     python -m afd_jax.tools.build_teacher_store --prompts prompts.jsonl --videos DIR --out STORE
-        [--text_embeddings tiny|DIR] [--encoder pixels --patch 4 | --encoder wan_vae --vae PATH]
+        [--text_embeddings tiny|umt5|DIR] [--encoder pixels --patch 4 | --encoder wan_vae
+        --vae PATH]
         [--num_frames T --height H --width W] [--fit crop|stretch|exact] [--fps FPS] [--overwrite]
 
 ``prompts.jsonl`` holds one JSON object per line: ``prompt`` (required), ``id`` (default: the line
@@ -9,7 +10,10 @@ number, from 0), ``videos`` (paths relative to ``--videos``; default: every ``DI
 ``DIR/<id>_<k>.<ext>`` and ``DIR/<id>/*.<ext>`` for ext in mp4, webm, mkv, avi, mov, npy, each
 one sample of the prompt) and ``embedding`` (a ``.npy`` ``[L, D]``, relative to the prompts file;
 default ``--text_embeddings DIR/<id>.npy``). ``--text_embeddings tiny`` (the default) embeds the
-prompts with the built-in tiny text encoder instead (``--text_dim``, ``--text_length``).
+prompts with the built-in tiny text encoder instead (``--text_dim``, ``--text_length``);
+``--text_embeddings umt5`` with Wan's umT5 (``--t5``, ``--tokenizer``; ``--text_length`` 512),
+batched, into ``--text_cache`` (default ``OUT_text``, kept: a rebuild reuses it) first, as
+``python -m afd_jax.tools.embed_prompts`` does.
 
 Videos end up with one shape, from the flags or, for the ones not given, from the first readable
 video: ``--fit crop`` (the default) keeps a video's first ``T`` frames and resizes it to cover
@@ -25,8 +29,6 @@ back to the prompts file's ids). Nothing usable at all exits non-zero.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -37,6 +39,8 @@ from absl import flags, logging
 
 from afd_jax import encoders, video
 from afd_jax import errors
+from afd_jax import prompts as prompts_lib
+from afd_jax.prompts import Entry
 from afd_jax.teachers import physics
 from afd_jax.teachers import store as store_lib
 
@@ -46,10 +50,14 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "JSON lines: prompt, optional id
                                "embedding.")
 _VIDEOS = flags.DEFINE_string("videos", None, "Folder of the teacher's videos.")
 _OUT = flags.DEFINE_string("out", None, "The store directory to create.")
-_TEXT = flags.DEFINE_string("text_embeddings", "tiny", "'tiny' (built-in text encoder) or a folder "
-                            "of <id>.npy [L, D] embeddings (e.g. umT5 [512, 4096]).")
+_TEXT = flags.DEFINE_string("text_embeddings", "tiny", "'tiny' (built-in text encoder), 'umt5' "
+                            "(Wan's, --t5 --tokenizer) or a folder of <id>.npy [L, D] embeddings.")
 _TEXT_DIM = flags.DEFINE_integer("text_dim", 32, "Tiny text encoder width.")
-_TEXT_LENGTH = flags.DEFINE_integer("text_length", 16, "Tiny text encoder length (tokens).")
+_TEXT_LENGTH = flags.DEFINE_integer("text_length", None, "Tokens per prompt (tiny: 16, umt5: 512).")
+_T5 = flags.DEFINE_string("t5", None, "umt5: the encoder (Wan .pth, HF folder or converted).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "umt5: the google/umt5-xxl tokenizer folder.")
+_TEXT_CACHE = flags.DEFINE_string("text_cache", None, "umt5: where the embeddings are written "
+                                  "(default OUT_text).")
 _ENCODER = flags.DEFINE_string("encoder", "pixels", f"Latent encoder {sorted(encoders.ENCODERS)}.")
 _PATCH = flags.DEFINE_integer("patch", 4, "Pixel encoder patch size.")
 _VAE = flags.DEFINE_string("vae", None, "wan_vae: the VAE checkpoint (Wan2.1_VAE.pth, a diffusers "
@@ -67,44 +75,6 @@ _WIDTH = flags.DEFINE_integer("width", None, "Expected video width.")
 _FPS = flags.DEFINE_float("fps", None, "Frame rate to record (default: the first video's).")
 _NAME = flags.DEFINE_string("name", "teacher_store", "TFDS dataset name (shard file prefix).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing store at --out.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One line of the prompts file."""
-
-  key: str
-  prompt: str
-  videos: tuple[str, ...] | None
-  embedding: str | None
-
-
-def load_prompts(path: Path) -> list[Entry]:
-  """Parses the prompts file; a malformed line is an error in the input, not a skip."""
-  entries, keys = [], set()
-  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-    if not line.strip():
-      continue
-    where = f"{path}:{n + 1}"
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise errors.UserError(f"{where} is not JSON ({e}).") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
-        or not obj["prompt"].strip():
-      raise errors.UserError(f"{where} needs an object with a non-empty string 'prompt'.")
-    key = str(obj.get("id", n))
-    videos = obj.get("videos")
-    if videos is not None and not (isinstance(videos, list)
-                                   and all(isinstance(v, str) for v in videos)):
-      raise errors.UserError(f"{where}: 'videos' must be a list of paths relative to --videos.")
-    if key in keys or not re.fullmatch(r"[^/\\]+", key):
-      raise errors.UserError(f"{where}: id {key!r} is repeated or contains a path separator.")
-    keys.add(key)
-    embedding = obj.get("embedding")
-    entries.append(Entry(key, obj["prompt"], tuple(videos) if videos is not None else None,
-                         str(path.parent / embedding) if embedding else None))
-  return entries
 
 
 def _is_video(path: Path) -> bool:
@@ -246,11 +216,20 @@ def main(argv):
   prompts, root, out = Path(_PROMPTS.value), Path(_VIDEOS.value), Path(_OUT.value)
   if not prompts.is_file() or not root.is_dir():
     raise errors.UserError(f"--prompts {prompts} must be a file and --videos {root} a folder.")
-  tiny = _TEXT.value == "tiny"
-  if not tiny and not Path(_TEXT.value).is_dir():
-    raise errors.UserError(f"--text_embeddings {_TEXT.value} is neither 'tiny' nor a folder.")
+  tiny, text_dir = _TEXT.value == "tiny", Path(_TEXT.value)
+  if _TEXT.value not in ("tiny", "umt5") and not text_dir.is_dir():
+    raise errors.UserError(f"--text_embeddings {_TEXT.value} is neither 'tiny', 'umt5' nor a "
+                           "folder.")
+  if _TEXT.value == "umt5" and not (_T5.value and _TOKENIZER.value):
+    raise errors.UserError("--text_embeddings umt5 needs --t5 (the encoder) and --tokenizer.")
   store_lib.ensure_writable(out, _OVERWRITE.value)
-  entries = load_prompts(prompts)
+  entries = prompts_lib.load_prompts(prompts)
+  if _TEXT.value == "umt5":
+    from afd_jax.models import umt5
+    text_dir = Path(_TEXT_CACHE.value or f"{out}_text")
+    prompts_lib.write_embeddings([(e.key, e.prompt) for e in entries if not e.embedding],
+                                   text_dir, umt5.from_pretrained(_T5.value),
+                                   umt5.load_tokenizer(_TOKENIZER.value), _TEXT_LENGTH.value or 512)
   encoder = encoders.from_options(_ENCODER.value, patch=_PATCH.value, vae=_VAE.value,
                                   vae_chunk=_VAE_CHUNK.value, vae_tile=_VAE_TILE.value)
   index = index_videos(root)
@@ -264,10 +243,12 @@ def main(argv):
     except ValueError as e:
       raise errors.UserError(f"{e} Set --num_frames/--height/--width (or --patch) to fit.") from e
   builder = Builder(entries, root, index, encoder,
-                    physics.TextEncoder(_TEXT_DIM.value, _TEXT_LENGTH.value) if tiny else None,
-                    None if tiny else Path(_TEXT.value), shape, _FIT.value)
-  text_source = (f"tiny (dim {_TEXT_DIM.value}, length {_TEXT_LENGTH.value})" if tiny
-                 else str(Path(_TEXT.value).resolve()))
+                    physics.TextEncoder(_TEXT_DIM.value, _TEXT_LENGTH.value or 16) if tiny
+                    else None,
+                    None if tiny else text_dir, shape, _FIT.value)
+  text_source = (f"tiny (dim {_TEXT_DIM.value}, length {_TEXT_LENGTH.value or 16})" if tiny
+                 else f"umt5 {_T5.value} -> {text_dir.resolve()}" if _TEXT.value == "umt5"
+                 else str(text_dir.resolve()))
   t0 = time.perf_counter()
   try:
     store_lib.build_store(

@@ -15,7 +15,7 @@ import time
 from absl import logging
 
 from afd_jax import errors
-from afd_jax.models import wan_checkpoint, wan_vae_checkpoint
+from afd_jax.models import wan_vae_checkpoint
 
 
 def main(argv):

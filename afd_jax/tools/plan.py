@@ -87,25 +87,28 @@ def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
   key = _sds(key.shape, key.dtype, rep)
   exit_step = _sds((), jnp.int32, rep)
   fns = programs.make_step_fns(config, nets, mesh, latent_shape)
+  base, disc_base = nets.frozen["student"], nets.frozen["disc"]   # None without adapters
   if method not in methods.ON_POLICY:
-    return {"fm": (fns.fm, (state["student"], x, ctx, key, state["step"]))}
-  params = state["student"]["params"]
-  steps = ({"rollout": (fns.rollout, (state["old"], x, ctx, key))} if method in methods.NFT
-           else {"rollout": (fns.train_rollout, (params, x, ctx, key, exit_step))})
+    return {"fm": (fns.fm, (state["student"], x, ctx, key, state["step"], base))}
+  params, ref = state["student"]["params"], state.get("ref")
+  steps = ({"rollout": (fns.rollout, (state["old"], x, ctx, key, None, base))}
+           if method in methods.NFT
+           else {"rollout": (fns.train_rollout, (params, x, ctx, key, exit_step, base))})
   if method in methods.WITH_DISC:
-    steps["disc"] = (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key))
+    steps["disc"] = (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key,
+                                disc_base))
   if method in methods.NFT:
     r = _sds((rows,), jnp.float32, batch)
-    steps["student"] = (fns.student, (state["student"], state["old"], state["ref"], x, ctx, r,
-                                      key, state["step"]))
+    steps["student"] = (fns.student, (state["student"], state["old"], ref, x, ctx, r, key,
+                                      state["step"], base))
     steps["old"] = (fns.old, (state["old"], params, state["step"]))
   elif method == "gan":
     steps["student"] = (fns.student, (state["student"], state["disc"]["params"], x, x, x, ctx,
-                                      exit_step, key, state["step"]))
+                                      exit_step, key, state["step"], base, disc_base))
   else:
-    steps["critic"] = (fns.critic, (state["critic"], x, ctx, key, state["step"]))
-    steps["student"] = (fns.student, (state["student"], state["critic"]["params"], state["ref"],
-                                      x, x, ctx, exit_step, key, state["step"]))
+    steps["critic"] = (fns.critic, (state["critic"], x, ctx, key, state["step"], base))
+    steps["student"] = (fns.student, (state["student"], state["critic"]["params"], ref, x, x,
+                                      ctx, exit_step, key, state["step"], base))
   return steps
 
 
@@ -155,13 +158,16 @@ def plan(config) -> dict:
   methods.check_divisibility(config, mesh, nets.student_config)
   d = config.data
   latent_shape = (d.num_frames, d.height, d.width, nets.student_config.in_dim)
-  state_bytes = _per_device_bytes(state)
+  # Resident through every step: the training state and the frozen bases adapters apply to.
+  state_bytes = _per_device_bytes(state) + _per_device_bytes(nets.frozen)
   kernel = attn_lib.resolve_kernel(config.model.attention_kernel, config.model.dtype)
   out = {"devices": mesh.size, "platform": jax.default_backend(), "mesh": dict(mesh.shape),
          "attention_kernel": kernel,
          "method": config.method, "batch_size": d.batch_size, "latent_shape": list(latent_shape),
          "state_bytes_per_device": state_bytes,
-         "state_bytes": {k: _per_device_bytes(v) for k, v in state.items()}, "steps": {}}
+         "state_bytes": {**{k: _per_device_bytes(v) for k, v in state.items()},
+                         **{f"{k} base": _per_device_bytes(v) for k, v in nets.frozen.items()
+                            if v is not None}}, "steps": {}}
   flops = model_flops(config, nets.student_config, latent_shape)
   with jax.set_mesh(mesh):
     for name, (fn, args) in step_inputs(config, nets, state, mesh, latent_shape).items():
