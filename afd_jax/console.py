@@ -43,11 +43,11 @@ def clock(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}"
 
 
-def progress_line(step: int, total: int, values: dict) -> str:
+def progress_line(step: int, total: int, values: dict, unit: str = "step") -> str:
   """``step 40/120 [####--------] 33% 1.52 it/s ETA 0:00:52 | loss 0.0312 bt 0.652 ...``"""
   done = min(1.0, step / max(total, 1))
   filled = int(round(done * BAR))
-  head = (f"step {step}/{total} [{'#' * filled}{'-' * (BAR - filled)}] {100 * done:.0f}% "
+  head = (f"{unit} {step}/{total} [{'#' * filled}{'-' * (BAR - filled)}] {100 * done:.0f}% "
           f"{values.get('perf/steps_per_second', float('nan')):.2f} it/s "
           f"ETA {clock(values.get('perf/eta_seconds', float('nan')))}")
   loss = next(((label, values[k]) for k, label in LOSSES if k in values), None)
@@ -55,8 +55,8 @@ def progress_line(step: int, total: int, values: dict) -> str:
   return head + (" | " + " ".join(f"{label} {v:.3g}" for label, v in shown) if shown else "")
 
 
-def show_progress(step: int, total: int, values: dict):
-  print(progress_line(step, total, values), file=sys.stderr, flush=True)
+def show_progress(step: int, total: int, values: dict, unit: str = "step"):
+  print(progress_line(step, total, values, unit), file=sys.stderr, flush=True)
 
 
 def closing_summary(workdir: Path, summary: dict, seconds: float, export: str = "") -> str:

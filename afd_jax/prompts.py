@@ -80,3 +80,47 @@ def write_embeddings(items: list[tuple[str, str]], out: Path, encoder, tokenizer
       os.replace(tmp, out / f"{key}.npy")
     logging.info("embedded %d / %d prompts", min(i + batch_size, len(todo)), len(todo))
   return len(todo)
+
+
+class EmbeddingFolder:
+  """``folder/<key>.npy`` of ``keys`` as a read-on-demand ``[N, L, D]`` array (index it to read
+  only those prompts), as a ``PromptPool`` takes a store's embeddings."""
+
+  dtype = np.dtype(np.float32)
+  ndim = 3
+
+  def __init__(self, folder: Path, keys: list[str]):
+    self.folder, self.keys = Path(folder), list(keys)
+    self._row = np.load(self.folder / f"{self.keys[0]}.npy", mmap_mode="r").shape
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (len(self.keys), *self._row)
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+  def __getitem__(self, key) -> np.ndarray:
+    ids = np.atleast_1d(np.arange(len(self.keys))[key])
+    out = np.stack([np.load(self.folder / f"{self.keys[i]}.npy") for i in ids]).astype(np.float32)
+    return out if np.ndim(np.arange(len(self.keys))[key]) else out[0]
+
+  def __array__(self, dtype=None, copy=None):
+    return self[:].astype(dtype or self.dtype)
+
+
+def umt5_embeddings(prompts: list[str], folder: Path, t5: str, tokenizer: str,
+                    text_len: int) -> EmbeddingFolder:
+  """The prompts' umT5 contexts, embedded once into ``folder`` (by process 0, the others wait)
+  and read on demand; keys are the prompts' positions."""
+  import jax
+  from jax.experimental import multihost_utils
+  keys = [str(i) for i in range(len(prompts))]
+  if jax.process_index() == 0:
+    from afd_jax.models import umt5
+    todo = [(k, p) for k, p in zip(keys, prompts) if not (folder / f"{k}.npy").exists()]
+    if todo:
+      write_embeddings(todo, folder, umt5.from_pretrained(t5), umt5.load_tokenizer(tokenizer),
+                       text_len)
+  multihost_utils.sync_global_devices("afd_jax text embeddings")
+  return EmbeddingFolder(folder, keys)

@@ -20,6 +20,7 @@ than the cache roll through it. Keys carry absolute RoPE positions, so slot orde
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -109,52 +110,96 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
   chunks see that estimate as history: Self-Forcing's training rollout, whose exit step is the
   only one a generator loss backpropagates through (``steps.exit_estimate``).
   """
-  mcfg = model.config
-  b, num_frames, h, w, _ = noise.shape
-  f = cfg.chunk_frames
+  num_frames = noise.shape[1]
   plan = plan_cache(num_frames, cfg)
-  ts = jnp.asarray(cfg.timesteps())
-  sigmas = flow.timestep_to_sigma(ts)
-  next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), jnp.float32)])
-  tokens = (h // mcfg.patch_size[1]) * (w // mcfg.patch_size[2]) * f // mcfg.patch_size[0]
-  per_frame = tokens // f
   text = model.text_kv(context)
-  shape = (mcfg.num_layers, b, plan.capacity_frames * per_frame, mcfg.num_heads, mcfg.head_dim)
-  cache = wan.constrain_kv(wan.KV(jnp.zeros(shape, mcfg.dtype), jnp.zeros(shape, mcfg.dtype)))
-
+  cache = empty_cache(model, noise.shape, plan)
   outputs, inputs, velocities = [], [], []
-  for chunk in range(num_frames // f):
-    start = chunk * f
-    n_read = plan.reads[chunk] * per_frame
-    ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
-
-    def denoise(x, step, chunk=chunk, start=start, ctx=ctx):
-      t, s, s_next, k = step
-      v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start)
-      x0 = flow.x0_from_velocity(x, v, s)
-      if cfg.sampler == "ode":
-        x_next = x + (s_next - s) * v
-      else:
-        fresh = jax.random.normal(k, x.shape, x.dtype)
-        x_next = jnp.where(s_next > 0, flow.add_noise(x0, fresh, s_next), x0)
-      return x_next, (x0, x, v)
-
-    keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
-    _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f], (ts, sigmas, next_sigmas, keys),
-                                   unroll=cfg.unroll_steps)
-    clean = x0s[-1] if exit_step is None else jnp.take(x0s, exit_step, axis=0)
+  for chunk in range(num_frames // cfg.chunk_frames):
+    clean, cache, (xs, vs) = chunk_step(model, noise, text, cache, key, chunk, plan, cfg, exit_step)
     outputs.append(clean)
     inputs.append(xs)
     velocities.append(vs)
-    if plan.writes[chunk] is not None:
-      _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start)
-      slot = plan.writes[chunk] * per_frame
-      cache = wan.constrain_kv(wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
-                                        for c, n in zip(cache, kv))))
   latents = jnp.concatenate(outputs, 1)
   if not return_intermediates:
     return latents
   return latents, {"inputs": jnp.concatenate(inputs, 2), "velocities": jnp.concatenate(velocities, 2)}
+
+
+def _tokens_per_frame(mcfg: wan.WanConfig, shape) -> int:
+  return (shape[2] // mcfg.patch_size[1]) * (shape[3] // mcfg.patch_size[2]) // mcfg.patch_size[0]
+
+
+def empty_cache(model: wan.WanModel, shape, plan: CachePlan) -> wan.KV:
+  """The zero KV cache of a rollout of latents ``shape`` (``[B, F, H, W, C]``)."""
+  mcfg = model.config
+  size = (mcfg.num_layers, shape[0], plan.capacity_frames * _tokens_per_frame(mcfg, shape),
+          mcfg.num_heads, mcfg.head_dim)
+  return wan.constrain_kv(wan.KV(jnp.zeros(size, mcfg.dtype), jnp.zeros(size, mcfg.dtype)))
+
+
+def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk: int, plan: CachePlan,
+               cfg: RolloutConfig, exit_step=None):
+  """Chunk ``chunk`` of a rollout (static): its denoising steps from ``noise``'s frames of it
+  against the cache, then its clean latents committed where the plan writes them. Returns
+  ``(clean [B, f, H, W, C], cache, (inputs, velocities) [S, B, f, H, W, C])``."""
+  b = noise.shape[0]
+  f = cfg.chunk_frames
+  start = chunk * f
+  per_frame = _tokens_per_frame(model.config, noise.shape)
+  ts = jnp.asarray(cfg.timesteps())
+  sigmas = flow.timestep_to_sigma(ts)
+  next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), jnp.float32)])
+  n_read = plan.reads[chunk] * per_frame
+  ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
+
+  def denoise(x, step):
+    t, s, s_next, k = step
+    v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start)
+    x0 = flow.x0_from_velocity(x, v, s)
+    if cfg.sampler == "ode":
+      x_next = x + (s_next - s) * v
+    else:
+      fresh = jax.random.normal(k, x.shape, x.dtype)
+      x_next = jnp.where(s_next > 0, flow.add_noise(x0, fresh, s_next), x0)
+    return x_next, (x0, x, v)
+
+  keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
+  _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f],
+                                  (ts, sigmas, next_sigmas, keys), unroll=cfg.unroll_steps)
+  clean = x0s[-1] if exit_step is None else jnp.take(x0s, exit_step, axis=0)
+  if plan.writes[chunk] is not None:
+    _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start)
+    slot, tokens = plan.writes[chunk] * per_frame, f * per_frame
+    cache = wan.constrain_kv(wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
+                                      for c, n in zip(cache, kv))))
+  return clean, cache, (xs, vs)
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_programs(graphdef: nnx.GraphDef, cfg: RolloutConfig, plan: CachePlan):
+  """The compiled pieces of a streamed rollout: text K/V, the zero cache, one program a chunk."""
+  text = jax.jit(lambda s, c: nnx.merge(graphdef, s).text_kv(c))
+  cache = jax.jit(lambda s, shape: empty_cache(nnx.merge(graphdef, s), shape, plan),
+                  static_argnums=1)
+  step = jax.jit(lambda s, x, t, c, k, chunk: chunk_step(nnx.merge(graphdef, s), x, t, c, k,
+                                                         chunk, plan, cfg)[:2],
+                 static_argnums=5, donate_argnums=3)
+  return text, cache, step
+
+
+def stream(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = RolloutConfig()):
+  """The rollout as a generator: yields each chunk's clean latents ``[B, f, H, W, C]`` as soon as
+  it is sampled (the same numbers as ``rollout``, chunk by chunk), so a caller can decode and show
+  the first frames while later chunks are sampled. One compiled program per chunk, reused by
+  every later stream of the same model, settings and shape."""
+  plan = plan_cache(noise.shape[1], cfg)
+  graphdef, state = nnx.split(model)
+  text_fn, cache_fn, step = _stream_programs(graphdef, cfg, plan)
+  text, cache = text_fn(state, context), cache_fn(state, tuple(noise.shape))
+  for chunk in range(noise.shape[1] // cfg.chunk_frames):
+    clean, cache = step(state, noise, text, cache, key, chunk)
+    yield clean
 
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig = RolloutConfig(),

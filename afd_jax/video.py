@@ -151,6 +151,45 @@ def fit(frames: np.ndarray, num_frames: int, height: int, width: int, mode: str)
   return resized[:, top:top + height, left:left + width]
 
 
+class Mp4Writer:
+  """An MP4 written as frames arrive (``with Mp4Writer(path, fps) as w: w.append(frames)``), in
+  ``write_mp4``'s format; the size is fixed by the first frames appended."""
+
+  def __init__(self, path, fps: float = 16.0):
+    self.path, self.fps = Path(path), fps
+    self._container = self._stream = None
+
+  def __enter__(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._container = av.open(str(self.path), "w", format="mp4")
+    return self
+
+  def append(self, frames: np.ndarray):
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+      raise VideoError(f"Mp4Writer takes uint8 frames [T, H, W, 3], got {frames.dtype} "
+                       f"{list(frames.shape)}.")
+    _, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    if self._stream is None:
+      codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+      self._stream = self._container.add_stream(codec,
+                                                rate=Fraction(self.fps).limit_denominator(1001))
+      self._stream.height, self._stream.width = frames.shape[1], frames.shape[2]
+      self._stream.pix_fmt = "yuv420p"
+      if codec == "libx264":
+        self._stream.options = {"crf": "18"}
+      else:  # mpeg4 has no CRF; a generous bit rate keeps it near-lossless
+        self._stream.bit_rate = int(8 * frames.shape[1] * frames.shape[2] * self.fps)
+    for frame in frames:
+      self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+  def __exit__(self, *exc):
+    if self._stream is not None:
+      self._container.mux(self._stream.encode())
+    self._container.close()
+
+
 def write_mp4(frames: np.ndarray, path, fps: float = 16.0) -> Path:
   """Writes uint8 ``[T, H, W, 3]`` frames as an H.264 mp4 (MPEG-4 part 2 where this FFmpeg has no
   libx264), yuv420p so that every player shows it.
@@ -163,19 +202,6 @@ def write_mp4(frames: np.ndarray, path, fps: float = 16.0) -> Path:
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
     raise VideoError(f"write_mp4 takes uint8 frames [T, H, W, 3], got {frames.dtype} "
                      f"{list(frames.shape)}.")
-  _, h, w, _ = frames.shape
-  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-  with av.open(str(path), "w", format="mp4") as container:
-    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-    stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-    if codec == "libx264":
-      stream.options = {"crf": "18"}
-    else:  # mpeg4 has no CRF; a generous bit rate keeps it near-lossless
-      stream.bit_rate = int(8 * frames.shape[1] * frames.shape[2] * fps)
-    for frame in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
-  return path
+  with Mp4Writer(path, fps) as writer:
+    writer.append(frames)
+  return Path(path)

@@ -73,6 +73,9 @@ def get_config():
   c.data.num_prompts = 64              # training prompts
   c.data.num_eval_prompts = 8          # held-out prompts (evaluation, samples)
   c.data.text_length = 16              # the tiny preset's text_len (shorter contexts are zero-padded)
+  c.data.text_encoder = "tiny"         # physics / online teachers' prompts: tiny | umt5 (Wan's)
+  c.data.t5 = ""                       # umt5: the encoder (Wan .pth, HF folder, converted)
+  c.data.tokenizer = ""                # umt5: the google/umt5-xxl tokenizer folder
   c.data.batch_size = 8
   c.data.num_frames = 6                # latent frames
   c.data.height = 4                    # latent height

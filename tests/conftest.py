@@ -125,3 +125,19 @@ def small_vae(tmp_path_factory):
   path = tmp_path_factory.mktemp("vae") / "converted"
   wan_vae_checkpoint.save_converted(wan_vae.init(wan_vae.VAEConfig(base_dim=8), seed=1), path)
   return path
+
+
+def make_tokenizer(folder):
+  """A word-level tokenizer folder with T5's special tokens (pad 0, end 1, unknown 2) and its
+  end-of-sequence post-processing, which transformers reads like Wan's google/umt5-xxl."""
+  import json
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(40)] + ["a", "red", "ball"]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
+      "unk_token": "<unk>", "model_max_length": 512}))
+  return folder

@@ -16,7 +16,7 @@ from afd_jax import errors
 from afd_jax.models import umt5, umt5_checkpoint
 from afd_jax.teachers import physics
 from afd_jax.teachers import store as store_lib
-from conftest import rel_l2
+from conftest import make_tokenizer, rel_l2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,18 +113,7 @@ def test_bad_checkpoints_are_named(reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  """A word-level tokenizer folder with T5's special tokens (pad 0, end 1, unknown 2) and its
-  end-of-sequence post-processing, read through transformers like Wan's google/umt5-xxl."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
-  words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(40)] + ["a", "red", "ball"]
-  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-  folder = tmp_path_factory.mktemp("tokenizer")
-  tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
-      "unk_token": "<unk>", "model_max_length": 512}))
+  folder = make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
   return folder, umt5.load_tokenizer(folder)
 
 
@@ -173,3 +162,24 @@ def test_stores_embed_their_prompts_with_umt5_and_embed_prompts_resumes(referenc
               "--tokenizer", folder, "--out", tmp_path / "store_text", "--text_len", 16)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "0 prompts embedded, 3 already there" in again.stdout
+
+
+def test_a_physics_or_online_teachers_prompts_can_be_embedded_with_umt5(reference, tokenizer,
+                                                                          tmp_path):
+  from afd_jax import methods, teachers
+  from afd_jax.models import wan
+  from configs import demo
+  _, root = reference
+  folder, tok = tokenizer
+  c = demo.get_config()
+  c.data.text_encoder, c.data.t5, c.data.tokenizer = "umt5", str(root / "hf"), str(folder)
+  c.data.num_prompts, c.data.num_eval_prompts = 6, 2
+  methods.validate(c)
+  data = teachers.from_config(c, wan.preset("tiny", text_dim=64, in_dim=12, out_dim=12), tmp_path)
+  want = umt5.encode_prompts(umt5.from_pretrained(root / "hf"), tok, data.pool.prompts,
+                             text_len=16)
+  np.testing.assert_allclose(data.pool.embeddings[np.arange(8)], want, rtol=1e-5, atol=1e-6)
+  assert data.pool.embeddings.shape == (8, 16, 64) and len(list(tmp_path.glob("*/*.npy"))) == 8
+  c.data.t5 = str(tmp_path / "absent")
+  with pytest.raises(errors.UserError, match="text_encoder='umt5' needs config.data.t5"):
+    methods.validate(c)

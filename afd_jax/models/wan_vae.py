@@ -570,6 +570,36 @@ def decode(vae: WanVAE, latents, *, chunk: int = 1, tiling: Tiling | None = None
   return jnp.clip(_apply(vae, _pixels, mu, chunk, tiling, decoding=True), -1.0, 1.0)
 
 
+class StreamDecoder:
+  """Decodes one video's latents as they arrive (``decoder(latents [B, n, h, w, z])`` -> pixels
+  in [-1, 1]), exactly as ``decode(chunk=1)`` decodes the whole video: the first latent frame
+  alone, then one at a time, the causal layers' feature cache carried from call to call. Two
+  compiled programs (the first frame, every later one), shared by every decoder of ``vae``."""
+
+  def __init__(self, vae: WanVAE):
+    self.config = vae.config
+    self._graphdef, self._state = nnx.split(vae)
+    self._memory = None
+
+  def __call__(self, latents) -> jax.Array:
+    cfg = self.config
+    _check_rank(latents, "latents", cfg.z_dim)
+    mu = jnp.asarray(latents, jnp.float32) * jnp.asarray(cfg.latents_std) + jnp.asarray(
+        cfg.latents_mean)
+    out = []
+    for i in range(mu.shape[1]):
+      y, self._memory = _stream_step(self._graphdef, self._state, mu[:, i:i + 1], self._memory)
+      out.append(y)
+    return jnp.clip(jnp.concatenate(out, axis=1), -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stream_step(graphdef, state, mu, memory):
+  vae = nnx.merge(graphdef, state)
+  cache = FeatureCache(memory)
+  return vae.decoder(vae.post_quant_conv(mu), cache).astype(jnp.float32), cache.new
+
+
 def to_pixels(frames) -> np.ndarray:
   """uint8 ``[..., 3]`` -> float32 in [-1, 1]."""
   return np.asarray(frames, np.float32) / 127.5 - 1.0
