@@ -96,16 +96,16 @@ def init(key, params, spec: LoRA) -> dict:
   """A fresh adapter set for ``params`` (arrays or shapes, traceable): ``A`` as PEFT draws it
   (uniform, bound ``1 / sqrt(fan_in)``), ``B`` zero, both in the kernel's dtype; and the
   parameters trained fully, copied from ``params``."""
-  adapters = {}
+  flat, adapters = _flat(params), {}
   for i, path in enumerate(targets(params, spec)):
-    kernel = _flat(params)[path]
+    kernel = flat[path]
     *lead, fan_in, fan_out = kernel.shape
     bound = 1.0 / math.sqrt(fan_in)
     a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, fan_in, spec.rank), jnp.float32,
                            -bound, bound)
     adapters[path + ("a",)] = a.astype(kernel.dtype)
     adapters[path + ("b",)] = jnp.zeros((*lead, spec.rank, fan_out), kernel.dtype)
-  train = {p: x for p, x in _flat(params).items() if not _under(p, spec)}
+  train = {p: x for p, x in flat.items() if not _under(p, spec)}
   return {"adapters": traverse_util.unflatten_dict(adapters),
           "train": traverse_util.unflatten_dict(train) if train else {}}
 
@@ -133,14 +133,13 @@ def shardings(param_sh, abstract_params, spec: LoRA, mesh) -> dict:
   kernel's input axes and ``B`` (``[..., rank, out]``) its output axes; each rank axis takes the
   kernel's other axes where they divide the rank (else it is whole), so neither factor is
   replicated under FSDP. Fully trained parameters keep theirs."""
-  flat_sh = _flat(param_sh)
+  flat_sh, shapes = _flat(param_sh), _flat(abstract_params)
   size = lambda entry: math.prod(mesh.shape[a] for a in
                                  ((entry,) if isinstance(entry, str) else entry or ()))
   fits = lambda entry: entry if spec.rank % size(entry) == 0 else None
   adapters = {}
   for path in targets(abstract_params, spec):
-    s = tuple(flat_sh[path].spec) + (None,) * (len(_flat(abstract_params)[path].shape)
-                                              - len(flat_sh[path].spec))
+    s = tuple(flat_sh[path].spec) + (None,) * (len(shapes[path].shape) - len(flat_sh[path].spec))
     *lead, fan_in, fan_out = s
     adapters[path + ("a",)] = NamedSharding(mesh, PartitionSpec(*lead, fan_in, fits(fan_out)))
     adapters[path + ("b",)] = NamedSharding(mesh, PartitionSpec(*lead, fits(fan_in), fan_out))

@@ -101,9 +101,10 @@ class EmbeddingFolder:
     return len(self.keys)
 
   def __getitem__(self, key) -> np.ndarray:
-    ids = np.atleast_1d(np.arange(len(self.keys))[key])
-    out = np.stack([np.load(self.folder / f"{self.keys[i]}.npy") for i in ids]).astype(np.float32)
-    return out if np.ndim(np.arange(len(self.keys))[key]) else out[0]
+    ids = np.arange(len(self.keys))[key]
+    out = np.stack([np.load(self.folder / f"{self.keys[i]}.npy")
+                    for i in np.atleast_1d(ids)]).astype(np.float32)
+    return out if np.ndim(ids) else out[0]
 
   def __array__(self, dtype=None, copy=None):
     return self[:].astype(dtype or self.dtype)

@@ -133,12 +133,9 @@ def state_from_wan(sd: dict[str, np.ndarray], cfg: umt5.UMT5Config, source) -> d
     if tuple(sd[key].shape) != want:
       mismatched.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {want}")
   if missing or unexpected or mismatched:
-    parts = [f"{title}: " + ", ".join(items[:12]) + (f", ... ({len(items)} in all)"
-                                                       if len(items) > 12 else "")
-             for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                  ("shape mismatches", mismatched)) if items]
     raise CheckpointError(f"{source} does not match the umT5 config (dim={cfg.dim}, "
-                          f"layers={cfg.num_layers}, heads={cfg.num_heads}); " + "; ".join(parts))
+                          f"layers={cfg.num_layers}, heads={cfg.num_heads}); "
+                          + weights.key_problems(missing, unexpected, mismatched))
   pdt = jnp.dtype(cfg.param_dtype)
   flat, stacks = {}, {}
   for key, (path, transposed, layer) in plan.items():

@@ -167,15 +167,10 @@ def state_from_original(sd: dict[str, np.ndarray], cfg: wan.WanConfig) -> dict:
     if tuple(sd[key].shape) != want:
       mismatched.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {want}")
   if missing or unexpected or mismatched:
-    parts = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", mismatched)):
-      if items:
-        shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        parts.append(f"{title}: {shown}")
     raise CheckpointError(
         "checkpoint does not match the Wan config " f"(dim={cfg.dim}, layers={cfg.num_layers}, "
-        f"heads={cfg.num_heads}, ffn={cfg.ffn_dim}); " + "; ".join(parts) + ".")
+        f"heads={cfg.num_heads}, ffn={cfg.ffn_dim}); "
+        + weights.key_problems(missing, unexpected, mismatched) + ".")
 
   pdt = jnp.dtype(cfg.param_dtype)
   flat: dict[tuple[str, ...], np.ndarray] = {}

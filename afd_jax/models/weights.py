@@ -117,6 +117,18 @@ def read_json(path: Path) -> dict:
   return value
 
 
+def key_problems(missing, unexpected, mismatched) -> str:
+  """``missing keys: ...; unexpected keys: ...; shape mismatches: ...`` (the non-empty ones, a
+  dozen of each shown): what a loader that checks a whole state dict at once reports."""
+  parts = []
+  for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                       ("shape mismatches", mismatched)):
+    if items:
+      shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+      parts.append(f"{title}: {shown}")
+  return "; ".join(parts)
+
+
 def check_finite(pure: dict, source) -> dict:
   """``pure`` (a nested dict of weights), or an error naming the weights that hold NaN or inf."""
   from afd_jax import checkpoint as ckpt_lib
