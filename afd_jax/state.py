@@ -18,7 +18,6 @@ from afd_jax import optim
 from afd_jax.methods import NFT, WITH_DISC
 from afd_jax.models import discriminator as disc_lib
 from afd_jax.models import wan
-from afd_jax.models import wan_checkpoint
 
 def model_runtime(config) -> dict:
   """``config.model``'s runtime settings (WanConfig.RUNTIME_FIELDS but the parameter dtype), for
@@ -34,7 +33,7 @@ def build_student(config, shardings=None, abstract: bool = False) -> wan.WanMode
   gives shapes and metadata only: a checkpoint's architecture is read, its weights are not."""
   m = config.model
   runtime = model_runtime(config)
-  cfg = (wan_checkpoint.load_config(m.checkpoint, **runtime) if m.checkpoint
+  cfg = (wan.load_config(m.checkpoint, **runtime) if m.checkpoint
          else wan.preset(m.preset, **runtime, **m.overrides))
   if abstract:
     return wan.abstract(cfg)
@@ -53,7 +52,7 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
                                      freeze_below=config.disc.freeze_below)
   path, seed = config.disc.checkpoint, config.seed + 1
   runtime = model_runtime(config)
-  trunk_cfg = wan_checkpoint.load_config(path, **runtime) if path else student.config
+  trunk_cfg = wan.load_config(path, **runtime) if path else student.config
   shapes = nnx.eval_shape(lambda: disc_lib.init(wan.WanModel(trunk_cfg, rngs=nnx.Rngs(0)), cfg))
   if abstract:
     return shapes

@@ -7,9 +7,14 @@ start, before anything compiles, naming each missing path and the command that p
     python -m afd_jax.tools.convert_wan /ckpt/self_forcing_dmd.pt checkpoints/student_1.3b
     python -m afd_jax.tools.convert_wan /ckpt/Wan2.1-T2V-1.3B checkpoints/wan_1.3b
     python -m afd_jax.tools.convert_wan_vae /ckpt/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth checkpoints/wan_vae
+    python -m afd_jax.tools.convert_umt5 /ckpt/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth \
+        checkpoints/umt5_xxl
     python -m afd_jax.tools.build_teacher_store --prompts P.jsonl --videos DIR --out STORE \
         --encoder wan_vae --vae checkpoints/wan_vae --num_frames 81 --height 480 --width 832 \
-        --text_embeddings UMT5_DIR
+        --text_embeddings umt5 --t5 checkpoints/umt5_xxl --tokenizer /ckpt/Wan2.1-T2V-1.3B/google/umt5-xxl
+
+and the run takes the store with ``--config.data.store=STORE`` (the README shows the whole path from
+text to a generated MP4).
 
 The VAE decodes evaluation samples (teacher above student, one MP4 per prompt in
 ``WORKDIR/samples/step_N/``) and ``--config.mode=rollout`` samples.

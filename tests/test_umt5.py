@@ -125,6 +125,8 @@ def test_encode_prompts_follows_wans_convention(reference, tokenizer):
   ids, mask = umt5.tokenize(tokenizer, prompts, text_len=16)
   assert ids.shape == (3, 16) and mask.sum(1).tolist() == [4, 8, 16]   # end token; truncated
   assert ids[0, :4].tolist() == [43, 44, 45, 1]                        # whitespace cleaned
+  # Wan's cleaning, step by step: ftfy repairs mojibake, entities unescape twice, spaces collapse.
+  assert umt5.clean(" caf\u00c3\u00a9 &amp;amp;\t ball ") == "caf\u00e9 & ball"
   emb = umt5.encode_prompts(encoder, tokenizer, prompts, text_len=16, batch_size=2)
   assert emb.shape == (3, 16, 64) and emb.dtype == np.float32
   assert not np.any(emb[0, 4:]) and np.all(np.any(emb[0, :4], -1))     # zero past the tokens

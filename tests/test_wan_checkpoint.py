@@ -342,3 +342,40 @@ def test_pt_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
 def test_unknown_runtime_option_is_refused(tmp_path):
   with pytest.raises(TypeError, match="unknown options"):
     wan.from_pretrained(tmp_path, dim=3)
+
+
+def test_no_module_of_the_package_imports_itself_back():
+  """Formats never import the models that load them (``wan`` -> ``wan_checkpoint``, not back):
+  the module-level import graph of ``afd_jax`` has no cycle."""
+  import ast
+  import pathlib
+
+  import afd_jax
+  root = pathlib.Path(afd_jax.__file__).parent
+  graph = {}
+  for f in root.rglob("*.py"):
+    name = ".".join(("afd_jax",) + f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    deps = set()
+    for node in ast.parse(f.read_text()).body:   # module level only; TYPE_CHECKING blocks are ifs
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("afd_jax"):
+        for a in node.names:
+          sub = f"{node.module}.{a.name}"
+          deps.add(sub if (root.parent / (sub.replace(".", "/") + ".py")).exists() else node.module)
+      elif isinstance(node, ast.Import):
+        deps.update(a.name for a in node.names if a.name.startswith("afd_jax"))
+    graph[name] = deps
+  done, path = set(), []
+
+  def visit(module):
+    assert module not in path, "import cycle: " + " -> ".join(path[path.index(module):] + [module])
+    if module in done:
+      return
+    path.append(module)
+    for dep in sorted(graph.get(module, ())):
+      visit(dep)
+    path.pop()
+    done.add(module)
+
+  for module in sorted(graph):
+    visit(module)
+  assert "afd_jax.models.wan_checkpoint" in graph["afd_jax.models.wan"]

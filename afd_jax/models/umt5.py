@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 
 from afd_jax import errors
+from afd_jax.models import umt5_checkpoint
+from afd_jax.models import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class UMT5Config:
 
   ARCHITECTURE = ("vocab_size", "dim", "num_heads", "head_dim", "ffn_dim", "num_layers",
                   "num_buckets", "max_distance", "eps")
+  RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
 
   def architecture(self) -> dict:
     return {k: getattr(self, k) for k in self.ARCHITECTURE}
@@ -204,11 +207,13 @@ def abstract(cfg: UMT5Config) -> UMT5Encoder:
   return nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
 
 
-def from_pretrained(path, **runtime) -> UMT5Encoder:
+def from_pretrained(path, *, shardings=None, **runtime) -> UMT5Encoder:
   """Any layout ``umt5_checkpoint`` reads; ``runtime``: ``dtype``, ``param_dtype``,
-  ``scan_layers``."""
-  from afd_jax.models import umt5_checkpoint
-  return umt5_checkpoint.load(path, **runtime)
+  ``scan_layers``; ``shardings`` (a callable of the abstract state) places weights as they load."""
+  weights.check_runtime(runtime, UMT5Config.RUNTIME_FIELDS)
+  found = umt5_checkpoint.locate(path)
+  cfg = UMT5Config(**found.arch, **runtime)
+  return weights.build(abstract(cfg), cfg, found, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +221,13 @@ def from_pretrained(path, **runtime) -> UMT5Encoder:
 
 
 def clean(text: str) -> str:
-  """Wan's prompt cleaning: HTML entities unescaped (twice), whitespace collapsed."""
-  return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+  """Wan's prompt cleaning (``clean='whitespace'``): mojibake and odd Unicode repaired by ftfy,
+  HTML entities unescaped twice, whitespace collapsed."""
+  try:
+    import ftfy
+  except ImportError as e:
+    raise ImportError("Wan's prompt cleaning needs ftfy: `pip install 'afd_jax[text]'`.") from e
+  return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
 
 
 def load_tokenizer(path):

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
 from afd_jax import errors
-from afd_jax.models import umt5
 from afd_jax.models import weights
 from afd_jax.models.weights import CheckpointError
 
+if TYPE_CHECKING:  # the encoder imports this module to load itself, never the other way round
+  from afd_jax.models import umt5
+
 CONVERTED_MARKER = "afd_umt5.json"
 FORMAT_NAME, FORMAT_VERSION = "afd_jax.umt5", 1
-_RUNTIME = ("dtype", "param_dtype", "scan_layers")
 CONVERT = "python -m afd_jax.tools.convert_umt5 SRC DST"
 
 # Hugging Face -> Wan names.
@@ -116,10 +117,10 @@ def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
   return sd, config_from_shapes(sd, path)
 
 
-def state_from_wan(sd: dict[str, np.ndarray], cfg: umt5.UMT5Config, source) -> dict:
-  """Checks a Wan-named state dict against ``cfg`` and builds the NNX pure dict (stacked)."""
-  shapes = {tuple(map(str, p)): v.shape
-            for p, v in nnx.to_flat_state(nnx.state(umt5.abstract(cfg)))}
+def state_from_wan(sd: dict[str, np.ndarray], cfg: umt5.UMT5Config, state, source) -> dict:
+  """Checks a Wan-named state dict against ``cfg`` and the encoder's abstract ``state`` and
+  builds the NNX pure dict (stacked)."""
+  shapes = {tuple(map(str, p)): v.shape for p, v in nnx.to_flat_state(state)}
   plan = {k: (path, t, None) for k, (path, t) in _TOP.items()}
   for i in range(cfg.num_layers):
     plan.update({f"blocks.{i}.{k}": (("blocks",) + path, t, i) for k, (path, t) in _BLOCK.items()})
@@ -149,33 +150,18 @@ def state_from_wan(sd: dict[str, np.ndarray], cfg: umt5.UMT5Config, source) -> d
   return traverse_util.unflatten_dict(flat)
 
 
-def _runtime(runtime: dict) -> dict:
-  unknown = set(runtime) - set(_RUNTIME)
-  if unknown:
-    raise TypeError(f"unknown options {sorted(unknown)}; runtime options are {list(_RUNTIME)}.")
-  return runtime
-
-
-def _merge(cfg: umt5.UMT5Config, pure: dict) -> umt5.UMT5Encoder:
-  graphdef, state = nnx.split(umt5.abstract(cfg))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-  return nnx.merge(graphdef, state)
-
-
-def load(path, **runtime) -> umt5.UMT5Encoder:
-  """See :func:`afd_jax.models.umt5.from_pretrained`."""
-  runtime = _runtime(runtime)
+def locate(path) -> weights.Found:
+  """Any supported layout at ``path``: its architecture and a reader of its weights (see
+  :func:`afd_jax.models.umt5.from_pretrained`)."""
   path = Path(path)
   if path.is_dir() and (path / CONVERTED_MARKER).exists():
+    path = path.absolute()
     meta = weights.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
-    cfg = umt5.UMT5Config(**meta["config"], **runtime)
-    pdt = jnp.dtype(cfg.param_dtype)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt),
-                          nnx.to_pure_dict(nnx.state(umt5.abstract(cfg))))
-    return _merge(cfg, weights.check_finite(weights.read_orbax(path, target), path))
+    return weights.Found(meta["config"], lambda cfg, state, shardings: weights.read_orbax_into(
+        path, state, cfg.param_dtype, shardings))
   sd, arch = read_state_dict(path)
-  cfg = umt5.UMT5Config(**arch, **runtime)
-  return _merge(cfg, weights.check_finite(state_from_wan(sd, cfg, path), path))
+  return weights.Found(arch, lambda cfg, state, shardings: weights.place(
+      weights.check_finite(state_from_wan(sd, cfg, state, path), path), state, shardings))
 
 
 def save_converted(encoder: umt5.UMT5Encoder, dst, source: str = "") -> Path:

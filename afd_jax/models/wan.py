@@ -31,6 +31,8 @@ from flax import nnx
 from afd_jax import errors
 from afd_jax import mesh as mesh_lib
 from afd_jax.models import attention as attn_lib
+from afd_jax.models import wan_checkpoint
+from afd_jax.models import weights
 
 # ----------------------------------------------------------------------------------------------
 # Configuration.
@@ -659,11 +661,24 @@ def abstract(cfg: WanConfig) -> WanModel:
   return nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
 
 
-def from_pretrained(path, **runtime) -> WanModel:
+def from_pretrained(path, *, pt_key: str | None = None, num_heads: int | None = None,
+                    shardings=None, **runtime) -> WanModel:
   """Loads any supported Wan2.1 checkpoint (see :mod:`afd_jax.models.wan_checkpoint`).
 
   ``runtime`` sets non-architecture fields (``dtype``, ``attention_kernel``, ``scan_layers``,
-  ``remat_policy``, ``param_dtype``) and, for files without a config, ``num_heads``.
+  ``remat_policy``, ``param_dtype``); ``num_heads`` is for files without a config, ``pt_key``
+  picks a model inside a training ``.pt`` (e.g. ``generator``), and ``shardings`` (a callable of
+  the abstract state, e.g. ``afd_jax.mesh.param_shardings``) places the weights as they load.
   """
-  from afd_jax.models import wan_checkpoint
-  return wan_checkpoint.load(path, **runtime)
+  weights.check_runtime(runtime, WanConfig.RUNTIME_FIELDS)
+  found = wan_checkpoint.locate(path, pt_key=pt_key, num_heads=num_heads)
+  cfg = WanConfig(**found.arch, **runtime)
+  return weights.build(abstract(cfg), cfg, found, shardings)
+
+
+def load_config(path, *, pt_key: str | None = None, num_heads: int | None = None,
+                **runtime) -> WanConfig:
+  """The config ``from_pretrained(path, **runtime)`` would build."""
+  weights.check_runtime(runtime, WanConfig.RUNTIME_FIELDS)
+  return WanConfig(**wan_checkpoint.locate(path, pt_key=pt_key, num_heads=num_heads).arch,
+                   **runtime)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,11 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from afd_jax import errors
-from afd_jax.models import wan
 from afd_jax.models import weights
 from afd_jax.models.weights import CheckpointError
+
+if TYPE_CHECKING:  # the model imports this module to load itself, never the other way round
+  from afd_jax.models import wan
 
 CONVERTED_MARKER = "afd_wan.json"
 FORMAT_NAME = "afd_jax.wan"
@@ -143,10 +146,10 @@ def _torch_shape(shape, kind):
   return tuple(shape)
 
 
-def state_from_original(sd: dict[str, np.ndarray], cfg: wan.WanConfig) -> dict:
-  """Validates an original-named state dict against ``cfg`` and builds the NNX pure-dict state."""
-  abstract_flat = {tuple(str(p) for p in path): v.shape
-                   for path, v in nnx.to_flat_state(nnx.state(wan.abstract(cfg)))}
+def state_from_original(sd: dict[str, np.ndarray], cfg: wan.WanConfig, state) -> dict:
+  """Validates an original-named state dict against ``cfg`` and the model's abstract ``state``
+  and builds the NNX pure-dict state."""
+  abstract_flat = {tuple(str(p) for p in path): v.shape for path, v in nnx.to_flat_state(state)}
   plan = {k: (("",) + path, kind) for k, (path, kind) in _TOP.items()}
   block_plan = _block_keys(cfg)
   for i in range(cfg.num_layers):
@@ -305,9 +308,6 @@ def config_from_shapes(sd: dict[str, np.ndarray], num_heads: int | None) -> dict
 # ----------------------------------------------------------------------------------------------
 # Locating and loading.
 
-_RUNTIME = set(wan.WanConfig.RUNTIME_FIELDS)
-
-
 def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
   """Returns ``(original-named state dict, architecture fields)`` for any supported layout."""
   path = Path(path)
@@ -348,39 +348,19 @@ def read_state_dict(path, *, pt_key=None, num_heads=None) -> tuple[dict, dict]:
   return sd, arch
 
 
-def load(path, *, pt_key: str | None = None, num_heads: int | None = None, shardings=None,
-         **runtime) -> wan.WanModel:
-  """See :func:`afd_jax.models.wan.from_pretrained`. ``shardings``: optional callable mapping the
-  abstract NNX state to a pure dict of shardings (e.g. ``afd_jax.mesh.param_shardings``), used to
-  place the weights as they load."""
-  unknown = set(runtime) - _RUNTIME
-  if unknown:
-    raise TypeError(f"unknown options {sorted(unknown)}; runtime options are {sorted(_RUNTIME)}.")
+def locate(path, *, pt_key: str | None = None, num_heads: int | None = None) -> weights.Found:
+  """Any supported layout at ``path``: its architecture and a reader of its weights (see
+  :func:`afd_jax.models.wan.from_pretrained`). A converted folder's architecture is read from its
+  JSON alone; other layouts are read whole here."""
   path = Path(path)
   if path.is_dir() and (path / CONVERTED_MARKER).exists():
-    return load_converted(path, shardings=shardings, **runtime)
+    path = path.absolute()
+    return weights.Found(_converted_meta(path)["config"],
+                         lambda cfg, state, shardings: weights.read_orbax_into(
+                             path, state, cfg.param_dtype, shardings))
   sd, arch = read_state_dict(path, pt_key=pt_key, num_heads=num_heads)
-  cfg = wan.WanConfig(**arch, **runtime)
-  return _merge(cfg, weights.check_finite(state_from_original(sd, cfg), path), shardings)
-
-
-def load_config(path, *, pt_key: str | None = None, num_heads: int | None = None,
-                **runtime) -> wan.WanConfig:
-  """The architecture of a checkpoint; a converted one's is read from its JSON alone."""
-  path = Path(path)
-  if path.is_dir() and (path / CONVERTED_MARKER).exists():
-    return wan.WanConfig(**_converted_meta(path)["config"], **runtime)
-  return wan.WanConfig(**read_state_dict(path, pt_key=pt_key, num_heads=num_heads)[1], **runtime)
-
-
-def _merge(cfg: wan.WanConfig, pure: dict, shardings=None) -> wan.WanModel:
-  graphdef, state = nnx.split(wan.abstract(cfg))
-  if shardings is not None:
-    pure = jax.tree.map(jax.device_put, pure, shardings(state))
-  else:
-    pure = jax.tree.map(jnp.asarray, pure)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return weights.Found(arch, lambda cfg, state, shardings: weights.place(
+      weights.check_finite(state_from_original(sd, cfg, state), path), state, shardings))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,17 +376,3 @@ def save_converted(model: wan.WanModel, dst, source: str = "") -> Path:
 
 def _converted_meta(path: Path) -> dict:
   return weights.read_marker(path, CONVERTED_MARKER, FORMAT_NAME, FORMAT_VERSION)
-
-
-def load_converted(path, shardings=None, **runtime) -> wan.WanModel:
-  path = Path(path).absolute()
-  cfg = wan.WanConfig(**_converted_meta(path)["config"], **runtime)
-  graphdef, state = nnx.split(wan.abstract(cfg))
-  pdt = jnp.dtype(cfg.param_dtype)
-  if shardings is not None:
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, pdt, sharding=s),
-                          nnx.to_pure_dict(state), shardings(state))
-  else:
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, pdt), nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, weights.check_finite(weights.read_orbax(path, target), path))
-  return nnx.merge(graphdef, state)

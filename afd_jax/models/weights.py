@@ -1,18 +1,23 @@
 """Weight files as the Wan loaders (transformer and VAE) read and write them: safetensors
 (memory-mapped, bf16 included, no torch), torch pickles (torch only when one is read), JSON
-configs, the finiteness check every load passes, and the project's converted format (an Orbax
-``params/`` tree plus a JSON marker written last)."""
+configs, the finiteness check every load passes, the project's converted format (an Orbax
+``params/`` tree plus a JSON marker written last), and ``Found``, the hand-over from a format
+module (which knows files, not models) to a model's ``from_pretrained`` (which knows the model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from afd_jax import errors
 
@@ -182,3 +187,49 @@ def read_orbax(path: Path, target):
       return ckptr.restore(path / "params", target)
     except Exception as e:  # orbax raises a variety of errors for damaged trees
       raise CheckpointError(f"could not restore {path / 'params'}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# From a located checkpoint to a model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+  """A checkpoint located on disk: its architecture fields, and ``read(cfg, state, shardings)``,
+  which returns its weights as a pure dict for ``state`` (the abstract NNX state of a model built
+  from ``cfg``), placed by ``shardings`` (a callable of that state, or None)."""
+  arch: dict
+  read: Callable
+
+
+def check_runtime(runtime: dict, allowed) -> None:
+  unknown = set(runtime) - set(allowed)
+  if unknown:
+    raise TypeError(f"unknown options {sorted(unknown)}; runtime options are {sorted(allowed)}.")
+
+
+def build(abstract_model, cfg, found: Found, shardings=None):
+  """``abstract_model`` (from ``nnx.eval_shape``) with ``found``'s weights in it."""
+  graphdef, state = nnx.split(abstract_model)
+  nnx.replace_by_pure_dict(state, found.read(cfg, state, shardings))
+  return nnx.merge(graphdef, state)
+
+
+def place(pure: dict, state, shardings) -> dict:
+  """Host arrays onto devices, sharded when ``shardings`` (a callable of ``state``) is given."""
+  if shardings is None:
+    return jax.tree.map(jnp.asarray, pure)
+  return jax.tree.map(jax.device_put, pure, shardings(state))
+
+
+def read_orbax_into(path: Path, state, param_dtype, shardings) -> dict:
+  """A converted ``params/`` tree restored straight into ``state``'s shapes (in ``param_dtype``,
+  sharded when ``shardings`` is given), checked for finiteness."""
+  dtype = jnp.dtype(param_dtype)
+  pure = nnx.to_pure_dict(state)
+  if shardings is None:
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, dtype), pure)
+  else:
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype, sharding=s), pure,
+                          shardings(state))
+  return check_finite(read_orbax(path, target), path)

@@ -14,6 +14,7 @@ import time
 from absl import flags, logging
 
 from afd_jax import errors
+from afd_jax.models import wan
 from afd_jax.models import wan_checkpoint
 
 _PT_KEY = flags.DEFINE_string("pt_key", None, "State dict inside a .pt (default: generator_ema, "
@@ -27,7 +28,7 @@ def main(argv):
     raise errors.UserError("usage: python -m afd_jax.tools.convert_wan SRC DST")
   src, dst = argv[1], argv[2]
   t0 = time.perf_counter()
-  model = wan_checkpoint.load(src, pt_key=_PT_KEY.value, num_heads=_NUM_HEADS.value)
+  model = wan.from_pretrained(src, pt_key=_PT_KEY.value, num_heads=_NUM_HEADS.value)
   out = wan_checkpoint.save_converted(model, dst, source=src)
   cfg = model.config
   logging.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - t0)
