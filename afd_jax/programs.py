@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from afd_jax import mesh as mesh_lib
 from afd_jax import rollout as rollout_lib
 from afd_jax import steps
-from afd_jax.methods import GENERATOR, ON_POLICY, WITH_DISC, afd_config, rollout_config
+from afd_jax.methods import GENERATOR, NFT, ON_POLICY, WITH_DISC, afd_config, rollout_config
 from afd_jax.state import Networks
 
 @dataclasses.dataclass
@@ -25,12 +25,11 @@ class StepFns:
   rollout: Callable
   train_rollout: Callable | None = None   # GENERATOR methods: ends chunks at an exit step
   fm: Callable | None = None
-  disc: Callable | None = None
+  disc: Callable | None = None            # AFD: the advantage too, in the same program
   score: Callable | None = None
-  advantage: Callable | None = None
-  student: Callable | None = None
+  advantage: Callable | None = None       # the oracle's, from its physics scores
+  student: Callable | None = None         # NFT: the old policy's update too
   critic: Callable | None = None
-  old: Callable | None = None
 
 
 _STEP_FNS: collections.OrderedDict = collections.OrderedDict()
@@ -84,10 +83,12 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
     return fns
   if config.method in WITH_DISC:
     disc_out = (sh["disc"]["params"], sh["disc"]["opt"], None)
-    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, lora=dlora),
+    nft = config.method in NFT
+    fns.disc = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, lora=dlora,
+                                            with_advantage=nft),
                        donate_argnums=(0, 1), out_shardings=disc_out)
     fns.score = jax.jit(steps.make_disc_step(nets.disc_graph, nets.tx_disc, afd, update=False,
-                                             lora=dlora))
+                                             lora=dlora, with_advantage=nft))
   if config.method in GENERATOR:
     fns.train_rollout = rollout_lib.make_rollout(graph, rollout_config(config),
                                                  out_shardings=(batch, batch),
@@ -105,10 +106,16 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
                           donate_argnums=(0,),
                           out_shardings=student_out)
     return fns
-  fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
-  fns.student = jax.jit(steps.make_student_step(graph, nets.tx_student, afd, lora=lora),
-                        donate_argnums=(0,), out_shardings=student_out)
-  decay = afd.old_decay_type
-  fns.old = jax.jit(lambda old, p, k: steps.update_old(old, p, steps.old_policy_eta(k, decay)),
-                    donate_argnums=(0,), out_shardings=sh["old"])
+  if config.method == "afd_oracle":
+    fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
+  student_step = steps.make_student_step(graph, nets.tx_student, afd, lora=lora)
+
+  def student_and_old(student, old, ref, x0, context, r, key, step, frozen=None):
+    """The NFT update, then the old policy's move toward the new parameters."""
+    student, metrics = student_step(student, old, ref, x0, context, r, key, step, frozen)
+    eta = steps.old_policy_eta(step + 1, afd.old_decay_type)
+    return student, steps.update_old(old, student["params"], eta), metrics
+
+  fns.student = jax.jit(student_and_old, donate_argnums=(0, 1),
+                        out_shardings=(sh["student"], sh["old"], None))
   return fns

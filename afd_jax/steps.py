@@ -152,12 +152,15 @@ def merged(graphdef, spec: lora_lib.LoRA | None, frozen, params) -> nnx.Module:
 
 
 def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
-                   update: bool = True, lora: lora_lib.LoRA | None = None):
+                   update: bool = True, lora: lora_lib.LoRA | None = None,
+                   with_advantage: bool = False):
   """``(params, opt_state, x_teacher, x_student, context, key[, frozen]) -> (params, opt_state,
   out)``; ``frozen``: the trunk's base when ``params`` is an adapter set (``lora``).
 
   ``update=False`` only scores the pairs (a frozen discriminator after its warm-up): the step
   takes no optimizer state and returns only the outputs, not a copy of the discriminator.
+  ``with_advantage``: ``out`` also holds AFD's ``r`` and ``advantage`` of the pre-update logits
+  (and their statistics in ``metrics``), so scoring and advantage are one program.
   """
 
   def logits_fn(params, x, t, context, frozen):
@@ -213,6 +216,9 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                              "disc/teacher_logit": jnp.mean(teacher),
                              "disc/student_logit": jnp.mean(student)})
     out = {"teacher_logits": teacher, "student_logits": student, "metrics": metrics}
+    if with_advantage:
+      out["r"], out["advantage"], adv_metrics = advantage(teacher, student, cfg)
+      metrics.update(adv_metrics)
     return (params, opt_state, out) if update else out
 
   if update:

@@ -97,13 +97,13 @@ class Trainer:
 
   # -- the loop --------------------------------------------------------------------------------
 
-  def _iteration(self, step: int, batch) -> dict:
-    """One training iteration of ``self.method``."""
+  def _iteration(self, step: int, batch, timed: bool = True) -> dict:
+    """One training iteration of ``self.method`` (``timed``: with its time split)."""
     state = self.state
     context, teacher = map(self._to_global, batch)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     keys = dict(zip(("noise", "rollout", "disc", "student"), jax.random.split(key, 4)))
-    clock = _Clock()
+    clock = _Clock(timed)
     if self.method not in methods.ON_POLICY:
       state["student"], metrics = self.fns.fm(state["student"], teacher, context, keys["student"],
                                              state["step"], self.frozen["student"])
@@ -131,25 +131,23 @@ class Trainer:
       physics = self.rollout_physics(x_student, self.step_ids(step))
     if self.method == "afd_oracle":
       scores = -physics["physics_error"]
-      r, adv, adv_metrics = self.fns.advantage(np.zeros_like(scores), scores)
-      metrics = {"oracle/physics_error": float(np.mean(physics["physics_error"]))}
-    else:
+      r, adv, metrics = self.fns.advantage(np.zeros_like(scores), scores)
+      metrics["oracle/physics_error"] = float(np.mean(physics["physics_error"]))
+    else:   # the discriminator's program computes the advantage too
       out = self._disc_step(teacher, x_student, context, keys["disc"],
                             train=self.method == "afd"
                             or step < self.config.afd.disc_warmup_steps)
-      r, adv, adv_metrics = self.fns.advantage(out["teacher_logits"], out["student_logits"])
-      metrics = out["metrics"]
+      r, adv, metrics = out["r"], out["advantage"], out["metrics"]
     clock.lap("score", r)
     if self.diagnose:
       self._diagnostics.append((np.asarray(adv), physics))
     if step == self.config.debug.nan_at_step:
       x_student = x_student * jnp.nan
-    state["student"], student_metrics = self.fns.student(
+    state["student"], state["old"], student_metrics = self.fns.student(
         state["student"], state["old"], state.get("ref"), x_student, context, r, keys["student"],
         state["step"], self.frozen["student"])
-    state["old"] = self.fns.old(state["old"], state["student"]["params"], state["step"] + 1)
     clock.lap("student", state["old"])
-    return dict(metrics, **student_metrics, **adv_metrics)
+    return dict(metrics, **student_metrics)
 
   def _generator_iteration(self, step, context, teacher, keys, clock) -> dict:
     """GAN and DMD: the student's own training rollout, ending every chunk at one exit step
@@ -340,7 +338,8 @@ class Trainer:
             break
           done = step + 1
           log = done % config.train.log_every == 0 or done == total
-          metrics = self._iteration(step, batch)
+          evaluate = config.train.eval_every and done % config.train.eval_every == 0
+          metrics = self._iteration(step, batch, timed=log or evaluate)
           rejected = max(int(s["opt"].notfinite_count) for s in self.state.values()
                          if isinstance(s, dict) and "opt" in s)
           if rejected:
@@ -352,7 +351,6 @@ class Trainer:
                 f"good checkpoint (step {self._good_step or 'none'}, checked finite) in "
                 f"{ckpt.directory} is intact; lower the learning rate or check the data, then "
                 "resume.")
-          evaluate = config.train.eval_every and done % config.train.eval_every == 0
           if evaluate and done < total:
             metrics.update(self.evaluate(done, write=False))
           if log or evaluate:
@@ -428,12 +426,15 @@ class Trainer:
 
 
 class _Clock:
-  """Wall time of the parts of an iteration (each lap waits for its result)."""
+  """Wall time of the parts of an iteration. Each lap waits for its result, which serialises
+  the programs, so only logged iterations are timed; the others dispatch without waiting."""
 
-  def __init__(self):
-    self.times, self._t0 = {}, time.perf_counter()
+  def __init__(self, enabled: bool = True):
+    self.enabled, self.times, self._t0 = enabled, {}, time.perf_counter()
 
   def lap(self, name: str, result):
+    if not self.enabled:
+      return
     jax.block_until_ready(result)
     now = time.perf_counter()
     self.times[f"time/{name}_s"] = now - self._t0

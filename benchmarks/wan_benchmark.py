@@ -6,8 +6,8 @@ CPU: the ``tiny`` and ``small`` presets. Reports median wall time over repeated 
 warm-up, analytic FLOPs (``afd_jax.flops``) against XLA's ``cost_analysis()`` (compiled with
 unrolled layers and steps so XLA counts every iteration; target ratio 0.9-1.0), and the time ratio
 of the last to the first KV-cache chunk against its FLOP ratio (perf_targets.md C1, C5).
-GPU (when present): the 1.3B model in bf16 with cuDNN attention at 832x480: the chunk-0 and
-chunk-6 forwards and the full 21-latent-frame rollout, with MFU against 989 TFLOP/s (H1xx peak).
+``--vs_diffusers``: the forward beside diffusers' on the same weights, in alternation. The 1.3B
+model on a GPU is ``benchmarks/gpu_suite.py``'s.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from flax import nnx
 from afd_jax import flops
 from afd_jax import rollout as rollout_lib
 from afd_jax.models import wan
-
-PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16
-
 
 def timed(fn, *args, warmup=2, repeats=10):
   for _ in range(warmup):
@@ -90,52 +87,80 @@ def bench_config(name, cfg, frames, height, width, text_len, batch, repeats):
   return rows
 
 
-def bench_gpu_13b(repeats):
-  cfg = wan.preset("1.3b", dtype="bfloat16", attention_kernel="cudnn")
-  frames, height, width, text_len, batch = 21, 60, 104, 512, 1
-  tpf = (height // 2) * (width // 2)
-  model = wan.init(cfg)
+def vs_diffusers(repeats, frames=9, height=32, width=48, text_len=64):
+  """The ``small`` model's bidirectional float32 forward against diffusers'
+  ``WanTransformer3DModel`` on the same weights and inputs, timed side by side in alternation
+  (so machine noise hits both alike); the ratio is afd_jax's median time over the peer's."""
+  import tempfile
+
+  import numpy as np
+  import torch
+  from diffusers.models.transformers import transformer_wan
+
+  cfg = wan.preset("small", attention_kernel="dense", dtype="float32")
+  torch.manual_seed(0)
+  ref = transformer_wan.WanTransformer3DModel(
+      patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
+      attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim, out_channels=cfg.out_dim,
+      text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+      num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+      qk_norm="rms_norm_across_heads", eps=cfg.eps).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    ref.save_pretrained(tmp)
+    model = wan.from_pretrained(tmp, attention_kernel="dense", dtype="float32")
   graphdef, state = nnx.split(model)
-  key = jax.random.key(0)
-  ctx = jax.random.normal(key, (batch, text_len, cfg.text_dim), jnp.bfloat16)
-  text = jax.jit(lambda s, c: nnx.merge(graphdef, s).text_kv(c))(state, ctx)
-  chunk = jax.random.normal(key, (batch, 3, height, width, cfg.in_dim), jnp.float32)
-  t = jnp.full((batch,), 937.5)
-  cached = jax.jit(lambda s, x, text, cache, start: nnx.merge(graphdef, s).forward_cached(
-      x, t, text, cache, start)[0])
-  rows = []
-  for k in (0, 6):
-    shape = (cfg.num_layers, batch, 3 * k * tpf, cfg.num_heads, cfg.head_dim)
-    cache = None if k == 0 else wan.KV(jnp.ones(shape, cfg.dtype), jnp.ones(shape, cfg.dtype))
-    seconds = timed(cached, state, chunk, text, cache, 3 * k, repeats=repeats)
-    f = flops.chunk_flops(cfg, 3 * tpf, 3 * k * tpf, text_len, 3)
-    rows.append(dict(config="1.3b bf16 cudnn", what=f"chunk {k} forward", seconds=seconds,
-                     analytic_flops=f, mfu=f / seconds / PEAK_BF16))
-  x = jax.random.normal(key, (batch, frames, height, width, cfg.in_dim), jnp.float32)
-  fn = rollout_lib.make_rollout(graphdef)
-  seconds = timed(fn, state, x, ctx, key, warmup=1, repeats=max(3, repeats // 3))
-  f = flops.rollout_flops(cfg, frames, tpf, text_len, 3, 4)
-  rows.append(dict(config="1.3b bf16 cudnn", what="rollout 21 frames x 4 steps", seconds=seconds,
-                   analytic_flops=f, mfu=f / seconds / PEAK_BF16,
-                   peak_bytes=jax.devices()[0].memory_stats().get("peak_bytes_in_use")))
-  return rows
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, frames, height, width, cfg.in_dim), np.float32)
+  ctx = np.zeros((1, model.config.text_len, cfg.text_dim), np.float32)   # Wan pads to text_len
+  ctx[:, :text_len] = rng.standard_normal((1, text_len, cfg.text_dim))
+  t = np.full((1,), 500.0, np.float32)
+  ours = jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, t, c))
+  args = (state, jnp.asarray(x), jnp.asarray(ctx))
+  tx = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
+  tc, tt = torch.from_numpy(ctx), torch.from_numpy(t)
+
+  def peer():
+    with torch.no_grad():
+      return ref(tx, timestep=tt, encoder_hidden_states=tc).sample
+
+  out = np.asarray(ours(*args))
+  err = float(np.linalg.norm(out - peer().permute(0, 2, 3, 4, 1).numpy()) / np.linalg.norm(out))
+  times = {"afd_jax": [], "diffusers": []}
+  for _ in range(2):
+    jax.block_until_ready(ours(*args)), peer()
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(ours(*args))
+    t1 = time.perf_counter()
+    peer()
+    times["afd_jax"].append(t1 - t0)
+    times["diffusers"].append(time.perf_counter() - t1)
+  ms = {k: statistics.median(v) for k, v in times.items()}
+  return [dict(config=f"small fp32 vs diffusers (torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads)",
+               what=f"forward, {frames * (height // 2) * (width // 2)} tokens",
+               seconds=ms["afd_jax"], peer_seconds=ms["diffusers"],
+               time_ratio=ms["afd_jax"] / ms["diffusers"], rel_l2=err)]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/wan_benchmark.json")
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--vs_diffusers", action="store_true",
+                      help="also time diffusers' forward side by side (needs torch, diffusers)")
   args = parser.parse_args()
   rows = bench_config("tiny", wan.preset("tiny"), 9, 8, 12, 16, 2, args.repeats)
   rows += bench_config("small", wan.preset("small"), 9, 16, 24, 64, 1, args.repeats)
-  if jax.default_backend() == "gpu":
-    rows += bench_gpu_13b(args.repeats)
+  if args.vs_diffusers:
+    rows += vs_diffusers(args.repeats)
   print(f"{'config':<16} {'what':<34} {'ms':>9} {'analytic GF':>12} {'XLA GF':>9} "
         f"{'ratio':>6} {'extra':>22}")
   for r in rows:
     af, xf = r.get("analytic_flops"), r.get("xla_flops")
-    extra = (f"time {r['time_ratio']:.2f} / flop {r['flop_ratio']:.2f}" if "time_ratio" in r
-             else f"MFU {r['mfu']:.1%}" if "mfu" in r else "")
+    extra = (f"x{r['time_ratio']:.2f} of {1e3 * r['peer_seconds']:.1f} ms" if "peer_seconds" in r
+             else f"time {r['time_ratio']:.2f} / flop {r['flop_ratio']:.2f}" if "time_ratio" in r
+             else "")
     gf = lambda v, w: f"{v / 1e9:>{w}.3f}" if v else " " * w
     ratio = f"{af / xf:>6.3f}" if af and xf else " " * 6
     print(f"{r['config']:<16} {r['what']:<34} {1e3 * r['seconds']:>9.2f} {gf(af, 12)} "

@@ -62,7 +62,7 @@ def test_plan_lowers_every_afd_step_from_abstract_state():
   mesh = mesh_lib.mesh_from_config(c)
   nets, state = state_lib.build_state(c, mesh, abstract=True)
   programs = plan.step_inputs(c, nets, state, mesh, (6, 4, 6, 16))
-  assert set(programs) == {"rollout", "disc", "student", "old"}
+  assert set(programs) == {"rollout", "disc", "student"}   # advantage and old policy folded in
   with jax.set_mesh(mesh):
     for name, (fn, args) in programs.items():
       text = fn.lower(*args).as_text()

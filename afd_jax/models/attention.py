@@ -43,12 +43,17 @@ MODES = ("bidirectional", "block_causal", "teacher_forcing", "kv_cache", "cached
 
 
 def dense_attention(q, k, v):
-  """Reference kernel: fp32 logits and softmax, output in the dtype of ``q``."""
+  """Reference kernel: fp32 logits and softmax, output in the dtype of ``q``.
+
+  Computed heads-first (``[B, H, N, D]``): both products are then plain batched matmuls over
+  (batch, head), so only q, k, v and the output are transposed (``O(N D)``), never the
+  ``[Nq, Nk]`` probabilities, which a tokens-first PV product makes XLA relayout."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 def cudnn_attention(q, k, v):

@@ -101,7 +101,6 @@ def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
     r = _sds((rows,), jnp.float32, batch)
     steps["student"] = (fns.student, (state["student"], state["old"], ref, x, ctx, r, key,
                                       state["step"], base))
-    steps["old"] = (fns.old, (state["old"], params, state["step"]))
   elif method == "gan":
     steps["student"] = (fns.student, (state["student"], state["disc"]["params"], x, x, x, ctx,
                                       exit_step, key, state["step"], base, disc_base))
