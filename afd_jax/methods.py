@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
-import ml_collections
 
 from afd_jax import errors
 from afd_jax import losses
@@ -18,6 +18,9 @@ from afd_jax import rollout as rollout_lib
 from afd_jax import steps
 from afd_jax import teachers
 from afd_jax.models import wan
+
+if TYPE_CHECKING:   # configs are ConfigDicts; the steps and programs import without ml_collections
+  import ml_collections
 
 METHODS = ("afd", "afd_frozen_disc", "afd_oracle", "gan", "sft", "dmd", "pretrain")
 NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old policy and reference
