@@ -161,7 +161,8 @@ def rollout_config(config) -> rollout_lib.RolloutConfig:
   r = config.rollout
   return rollout_lib.RolloutConfig(
       chunk_frames=r.chunk_frames, denoising_steps=tuple(r.denoising_steps), shift=r.shift,
-      window_frames=r.window_frames or None, sink_frames=r.sink_frames, sampler=r.sampler)
+      window_frames=r.window_frames or None, sink_frames=r.sink_frames, sampler=r.sampler,
+      scan_chunks=r.scan_chunks)
 
 
 def rollout_rows(config) -> int:

@@ -7,10 +7,15 @@ deterministic Euler step ``x + (s_{q+1} - s_q) v`` instead, for undistilled stud
 A ``t = 0`` pass over that clean chunk then commits its post-RoPE K/V to the cache; later chunks
 attend to the committed K/V and to themselves. Text K/V are computed once.
 
-Static structure, so the whole video compiles once per input shape: the chunk loop is unrolled in
-Python over static cache slices (C executables' worth of shapes inside one program, no masks, no
-wasted attention work), the denoising steps of a chunk run under ``lax.scan``, and the cache is a
-fixed-capacity buffer written with static slices (in place inside the program).
+Static shapes, so the whole video compiles once per input shape, and its compile time does not
+grow with its length: the chunks run under ``lax.scan`` over one fixed-capacity cache buffer,
+written in place with dynamic slices; each chunk attends to the buffer's written prefix, and the
+attention kernels stop at its length (cuDNN's key sequence lengths, or an online-softmax loop
+over key blocks), so no work goes to unwritten slots. The denoising steps of a chunk run under an
+inner ``lax.scan``. ``scan_chunks=False`` unrolls the chunks in Python over static cache slices
+instead (one program per chunk's shapes; compile time grows by about half a second per chunk on
+a CPU, where it ran 7- and 28-chunk global-attention rollouts 15-20 % faster and a 112-chunk one
+8 % slower: ``docs/benchmarks.md``).
 
 With ``window_frames`` (LongLive-style local attention) the cache holds ``sink_frames`` sink
 frames plus a ring of ``window_frames - sink_frames - chunk_frames`` recent frames, so videos longer
@@ -49,6 +54,9 @@ class RolloutConfig:
   window_frames: int | None = None
   sink_frames: int = 0
   unroll_steps: bool = False  # unrolled steps: longer compile, exact XLA cost analysis
+  # Chunks under lax.scan: compile time independent of the video's length, attention stopping
+  # at the cache's written length. False: chunks unrolled in Python over static cache slices.
+  scan_chunks: bool = True
   # "renoise": Self-Forcing's x0-then-fresh-noise steps (for distilled few-step students);
   # "ode": deterministic Euler steps of the flow ODE, for students that are plain flow-matching
   # models (e.g. pretrained bases), whose x0 predictions are conditional means.
@@ -114,16 +122,30 @@ def rollout(model: wan.WanModel, noise, context, key, cfg: RolloutConfig = Rollo
   plan = plan_cache(num_frames, cfg)
   text = model.text_kv(context)
   cache = empty_cache(model, noise.shape, plan)
-  outputs, inputs, velocities = [], [], []
-  for chunk in range(num_frames // cfg.chunk_frames):
-    clean, cache, (xs, vs) = chunk_step(model, noise, text, cache, key, chunk, plan, cfg, exit_step)
-    outputs.append(clean)
-    inputs.append(xs)
-    velocities.append(vs)
-  latents = jnp.concatenate(outputs, 1)
+  chunks = num_frames // cfg.chunk_frames
+  if cfg.scan_chunks:
+    def body(cache, chunk):
+      clean, cache, inter = chunk_step(model, noise, text, cache, key, chunk, plan, cfg, exit_step)
+      return cache, (clean, inter)
+
+    _, (outputs, (inputs, velocities)) = jax.lax.scan(body, cache, jnp.arange(chunks))
+    join = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(
+        *x.shape[1:axis + 1], num_frames, *x.shape[axis + 2:])   # chunk axis into frames
+    latents = join(outputs, 1)
+    inputs, velocities = join(inputs, 2), join(velocities, 2)
+  else:
+    outputs, inputs, velocities = [], [], []
+    for chunk in range(chunks):
+      clean, cache, (xs, vs) = chunk_step(model, noise, text, cache, key, chunk, plan, cfg,
+                                          exit_step)
+      outputs.append(clean)
+      inputs.append(xs)
+      velocities.append(vs)
+    latents = jnp.concatenate(outputs, 1)
+    inputs, velocities = jnp.concatenate(inputs, 2), jnp.concatenate(velocities, 2)
   if not return_intermediates:
     return latents
-  return latents, {"inputs": jnp.concatenate(inputs, 2), "velocities": jnp.concatenate(velocities, 2)}
+  return latents, {"inputs": inputs, "velocities": velocities}
 
 
 def _tokens_per_frame(mcfg: wan.WanConfig, shape) -> int:
@@ -138,11 +160,15 @@ def empty_cache(model: wan.WanModel, shape, plan: CachePlan) -> wan.KV:
   return wan.constrain_kv(wan.KV(jnp.zeros(size, mcfg.dtype), jnp.zeros(size, mcfg.dtype)))
 
 
-def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk: int, plan: CachePlan,
+def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk, plan: CachePlan,
                cfg: RolloutConfig, exit_step=None):
-  """Chunk ``chunk`` of a rollout (static): its denoising steps from ``noise``'s frames of it
-  against the cache, then its clean latents committed where the plan writes them. Returns
-  ``(clean [B, f, H, W, C], cache, (inputs, velocities) [S, B, f, H, W, C])``."""
+  """Chunk ``chunk`` of a rollout: its denoising steps from ``noise``'s frames of it against the
+  cache, then its clean latents committed where the plan writes them. Returns ``(clean [B, f, H,
+  W, C], cache, (inputs, velocities) [S, B, f, H, W, C])``.
+
+  A Python int ``chunk`` reads and writes static cache slices (one program per chunk); a traced
+  one (a ``lax.scan`` over chunks) reads the whole buffer with its written length, which the
+  attention kernels stop at, and writes with a dynamic slice, in place."""
   b = noise.shape[0]
   f = cfg.chunk_frames
   start = chunk * f
@@ -150,12 +176,19 @@ def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk: int,
   ts = jnp.asarray(cfg.timesteps())
   sigmas = flow.timestep_to_sigma(ts)
   next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), jnp.float32)])
-  n_read = plan.reads[chunk] * per_frame
-  ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
+  static = isinstance(chunk, int)
+  if static:
+    n_read = plan.reads[chunk] * per_frame
+    ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
+    x_in, n_read = noise[:, start:start + f], None
+  else:
+    n_read = jnp.asarray(plan.reads, jnp.int32)[chunk] * per_frame
+    ctx = cache if plan.capacity_frames else None
+    x_in = jax.lax.dynamic_slice_in_dim(noise, start, f, axis=1)
 
   def denoise(x, step):
     t, s, s_next, k = step
-    v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start)
+    v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start, n_read)
     x0 = flow.x0_from_velocity(x, v, s)
     if cfg.sampler == "ode":
       x_next = x + (s_next - s) * v
@@ -165,14 +198,22 @@ def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk: int,
     return x_next, (x0, x, v)
 
   keys = jax.random.split(jax.random.fold_in(key, chunk), len(cfg.denoising_steps))
-  _, (x0s, xs, vs) = jax.lax.scan(denoise, noise[:, start:start + f],
-                                  (ts, sigmas, next_sigmas, keys), unroll=cfg.unroll_steps)
+  _, (x0s, xs, vs) = jax.lax.scan(denoise, x_in, (ts, sigmas, next_sigmas, keys),
+                                  unroll=cfg.unroll_steps)
   clean = x0s[-1] if exit_step is None else jnp.take(x0s, exit_step, axis=0)
-  if plan.writes[chunk] is not None:
-    _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start)
-    slot, tokens = plan.writes[chunk] * per_frame, f * per_frame
-    cache = wan.constrain_kv(wan.KV(*(c.at[:, :, slot:slot + tokens].set(n.astype(c.dtype))
-                                      for c, n in zip(cache, kv))))
+
+  def commit(cache, slot):
+    _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start,
+                                 n_read)
+    return wan.constrain_kv(wan.KV(*(jax.lax.dynamic_update_slice_in_dim(
+        c, n.astype(c.dtype), slot * per_frame, axis=2) for c, n in zip(cache, kv))))
+
+  if static:
+    if plan.writes[chunk] is not None:
+      cache = commit(cache, plan.writes[chunk])
+  elif plan.capacity_frames:
+    slot = jnp.asarray([-1 if w is None else w for w in plan.writes], jnp.int32)[chunk]
+    cache = jax.lax.cond(slot >= 0, commit, lambda cache, slot: cache, cache, slot)
   return clean, cache, (xs, vs)
 
 

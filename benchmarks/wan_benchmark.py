@@ -6,8 +6,9 @@ CPU: the ``tiny`` and ``small`` presets. Reports median wall time over repeated 
 warm-up, analytic FLOPs (``afd_jax.flops``) against XLA's ``cost_analysis()`` (compiled with
 unrolled layers and steps so XLA counts every iteration; target ratio 0.9-1.0), and the time ratio
 of the last to the first KV-cache chunk against its FLOP ratio (perf_targets.md C1, C5).
-``--vs_diffusers``: the forward beside diffusers' on the same weights, in alternation. The 1.3B
-model on a GPU is ``benchmarks/gpu_suite.py``'s.
+``--vs_diffusers``: the forward beside diffusers' on the same weights, in alternation.
+``--rollout_chunks 3,7,28,112``: rollout compile and run time against the number of chunks, scanned
+and unrolled. The 1.3B model on a GPU is ``benchmarks/gpu_suite.py``'s.
 """
 
 from __future__ import annotations
@@ -87,6 +88,31 @@ def bench_config(name, cfg, frames, height, width, text_len, batch, repeats):
   return rows
 
 
+def rollout_scaling(chunk_counts, height=8, width=12, window_frames=None):
+  """Compile and run time of the ``small`` model's rollout against the number of chunks, chunks
+  under ``lax.scan`` (``scan_chunks=True``) and unrolled, run side by side."""
+  cfg = wan.preset("small", attention_kernel="dense", dtype="float32")
+  graphdef, state = nnx.split(wan.init(cfg))
+  key = jax.random.key(0)
+  ctx = jax.random.normal(key, (1, cfg.text_len, cfg.text_dim), jnp.float32)
+  rows = []
+  for chunks in chunk_counts:
+    x = jax.random.normal(key, (1, 3 * chunks, height, width, cfg.in_dim), jnp.float32)
+    row = dict(config="small", what=f"rollout {chunks} chunks", chunks=chunks,
+               window_frames=window_frames)
+    for scan in (True, False):
+      rcfg = rollout_lib.RolloutConfig(scan_chunks=scan, window_frames=window_frames)
+      fn = rollout_lib.make_rollout(graphdef, rcfg)
+      t0 = time.perf_counter()
+      compiled = fn.lower(state, x, ctx, key).compile()
+      form = "scan" if scan else "unrolled"
+      row[f"{form}_compile_s"] = time.perf_counter() - t0
+      row[f"{form}_s"] = timed(compiled, state, x, ctx, key, warmup=1, repeats=2)
+    row["seconds"] = row["scan_s"]
+    rows.append(row)
+  return rows
+
+
 def vs_diffusers(repeats, frames=9, height=32, width=48, text_len=64):
   """The ``small`` model's bidirectional float32 forward against diffusers'
   ``WanTransformer3DModel`` on the same weights and inputs, timed side by side in alternation
@@ -149,16 +175,21 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--vs_diffusers", action="store_true",
                       help="also time diffusers' forward side by side (needs torch, diffusers)")
+  parser.add_argument("--rollout_chunks", default="",
+                      help="e.g. 3,7,28,112: rollout compile and run time against chunk count")
   args = parser.parse_args()
   rows = bench_config("tiny", wan.preset("tiny"), 9, 8, 12, 16, 2, args.repeats)
   rows += bench_config("small", wan.preset("small"), 9, 16, 24, 64, 1, args.repeats)
   if args.vs_diffusers:
     rows += vs_diffusers(args.repeats)
+  if args.rollout_chunks:
+    rows += rollout_scaling([int(c) for c in args.rollout_chunks.split(",")])
   print(f"{'config':<16} {'what':<34} {'ms':>9} {'analytic GF':>12} {'XLA GF':>9} "
         f"{'ratio':>6} {'extra':>22}")
   for r in rows:
     af, xf = r.get("analytic_flops"), r.get("xla_flops")
     extra = (f"x{r['time_ratio']:.2f} of {1e3 * r['peer_seconds']:.1f} ms" if "peer_seconds" in r
+             else f"compile {r['scan_compile_s']:.1f} vs {r['unrolled_compile_s']:.1f} s" if "chunks" in r
              else f"time {r['time_ratio']:.2f} / flop {r['flop_ratio']:.2f}" if "time_ratio" in r
              else "")
     gf = lambda v, w: f"{v / 1e9:>{w}.3f}" if v else " " * w

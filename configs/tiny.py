@@ -52,6 +52,7 @@ def get_config():
   c.rollout.window_frames = 0          # 0: global attention over the whole video
   c.rollout.sink_frames = 0
   c.rollout.sampler = "renoise"        # renoise (Self-Forcing, distilled) | ode (plain FM students)
+  c.rollout.scan_chunks = True         # chunks under lax.scan: compile time flat in video length
 
   c.data = ml_collections.ConfigDict()
   c.data.teacher = "synthetic"         # synthetic | physics | store | callable | http

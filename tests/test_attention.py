@@ -129,3 +129,31 @@ def test_sequence_parallel_attention_matches_one_device():
   assert "shard_map" in jaxpr and "all_gather" in jaxpr
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("kernel,block", [("dense", 16), ("blockwise", 512)])
+def test_cached_prefix_attention_reads_only_the_written_keys(kernel, block):
+  """A chunk's queries over the first ``length`` (traced) keys of a cache plus its own keys equal
+  dense attention over exactly those keys; what lies past ``length`` (here NaN) is never read.
+  Lengths: none written, inside a block, at a block boundary, the whole cache."""
+  q, k, v = _qkv(12)
+  _, ck, cv = _qkv(40, seed=1)
+  cached = jax.jit(lambda q, ck, cv, k, v, n: A.attend_cached(q, A.Prefix(ck, cv, n), k, v, kernel,
+                                                              block))
+  for n in (0, 5, 16, 40):
+    poisoned = [c.at[:, n:].set(jnp.nan) for c in (ck, cv)]
+    want = A.dense_attention(q, jnp.concatenate([ck[:, :n], k], 1), jnp.concatenate([cv[:, :n], v], 1))
+    np.testing.assert_allclose(cached(q, *poisoned, k, v, n), want, atol=2e-6)
+
+
+def test_cached_prefix_attention_runs_sequence_parallel():
+  from afd_jax import mesh as mesh_lib
+
+  q, k, v = _qkv(12)
+  _, ck, cv = _qkv(40, seed=1)
+  fn = jax.jit(lambda q, ck, cv, k, v: A.attend_cached(q, A.Prefix(ck, cv, jnp.int32(20)), k, v,
+                                                       "dense", 8))
+  want = fn(q, ck, cv, k, v)
+  with jax.set_mesh(mesh_lib.make_mesh(8, data=1, context=4, tensor=2)):
+    got = fn(q, ck, cv, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-6)

@@ -146,3 +146,23 @@ def test_training_rollout_ends_chunks_at_the_exit_step(tiny_model):
   np.testing.assert_allclose(first[:, :3], flow.x0_from_velocity(
       noise[:, :3], inter["velocities"][0][:, :3], s0), atol=1e-6)
   assert not np.allclose(first[:, 3:], latents[:, 3:])            # chunk 1 saw another history
+
+
+@pytest.mark.parametrize("window", [{}, {"window_frames": 12, "sink_frames": 3}])
+def test_scanned_chunks_equal_the_unrolled_rollout(tiny_model, window):
+  """Chunks under lax.scan (dynamic cache slices, attention stopping at the written length) give
+  today's unrolled rollout: latents, every step's inputs and velocities, and a training rollout's
+  exit step; global and rolling-window caches (the ring wraps at 18 frames)."""
+  cfg = R.RolloutConfig(**window)
+  _, args, latents, inter = _run(tiny_model, cfg, 18)
+  graphdef, _ = nnx.split(tiny_model)
+  unrolled = R.make_rollout(graphdef, R.RolloutConfig(scan_chunks=False, **window),
+                            return_intermediates=True)
+  want, want_inter = unrolled(*args, jax.random.key(0))
+  np.testing.assert_allclose(latents, want, atol=2e-5)
+  for name in ("inputs", "velocities"):
+    np.testing.assert_allclose(inter[name], want_inter[name], atol=2e-5)
+  exits = [R.make_rollout(graphdef, R.RolloutConfig(scan_chunks=scan, **window), exit_inputs=True)
+           for scan in (True, False)]
+  for a, b in zip(*(fn(*args, jax.random.key(1), jnp.int32(1)) for fn in exits)):
+    np.testing.assert_allclose(a, b, atol=2e-5)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -217,27 +218,116 @@ def attend(q, k, v, kernel: str = "auto"):
   mesh = mesh_lib.current_mesh()
   ctx = mesh_lib.axis_size(mesh, "context")
   if ctx > 1 and q.shape[1] % ctx == 0:  # a lone query (the readout's register) runs replicated
-    return sequence_parallel(fn, q, k, v, mesh)
+    return sequence_parallel(fn, q, k, v, mesh=mesh)
   return fn(q, k, v)
 
 
-def sequence_parallel(kernel, q, k, v, mesh):
+class Prefix(NamedTuple):
+  """A KV cache ``[B, N, H, D]`` whose first ``length`` keys are written (``length`` may be traced,
+  as in a rollout whose chunks run under ``lax.scan``); the rest is never attended to. With
+  ``layer``, ``k`` and ``v`` are every layer's buffer ``[L, B, N, H, D]`` and this layer's blocks
+  are read from it in place (a scan over layers would otherwise copy each layer's whole buffer)."""
+
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+  layer: jax.Array | None = None
+
+  def read(self, x, start, size: int):
+    """Keys or values ``[B, size, H, D]`` of this layer from token ``start`` (may be traced)."""
+    if self.layer is None:
+      return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    return jax.lax.dynamic_slice(x, (self.layer, 0, start, 0, 0), (1, x.shape[1], size, *x.shape[3:]))[0]
+
+  def whole(self) -> tuple[jax.Array, jax.Array]:
+    """This layer's whole buffers (a copy when ``layer`` is set)."""
+    return (self.k, self.v) if self.layer is None else (self.k[self.layer], self.v[self.layer])
+
+
+def attend_cached(q, cache: Prefix, k, v, kernel: str = "auto", block: int = _FLASH_BLOCK):
+  """``q [B, n, H, D]`` over the written part of ``cache`` plus its own ``k, v`` ``[B, n, H, D]``,
+  doing no work on the unwritten part: cuDNN takes the valid key length (``key_value_seq_lengths``,
+  the chunk's own keys written after the prefix); every other kernel runs an online softmax whose
+  loop over the cache's key blocks stops at the last written one, then takes the chunk's own keys.
+  Forward only (rollouts are not differentiated)."""
+  kernel = resolve_kernel(kernel, q.dtype)
+  mesh = mesh_lib.current_mesh()
+  ctx = mesh_lib.axis_size(mesh, "context")
+  parallel = ctx > 1 and q.shape[1] % ctx == 0
+  bk = min(block, cache.k.shape[-3])
+  if kernel == "cudnn":
+    pad = ((0, 0), (0, k.shape[1]), (0, 0), (0, 0))
+    keys, values = (jax.lax.dynamic_update_slice_in_dim(jnp.pad(c, pad), x, cache.length, axis=1)
+                    for c, x in zip(cache.whole(), (k, v)))
+    fn = lambda q, k, v, n: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=jnp.full((q.shape[0],), n, jnp.int32),
+        implementation="cudnn")
+    args, length = (q, keys, values), cache.length + k.shape[1]
+  elif parallel:   # the kernel runs per device on [B, N, H, D] buffers
+    fn = lambda q, ck, cv, k, v, n: _prefix_flash(q, Prefix(ck, cv, n), k, v, bk)
+    args, length = (q, *cache.whole(), k, v), cache.length
+  else:
+    return _prefix_flash(q, cache, k, v, bk)
+  if parallel:
+    return sequence_parallel(fn, *args, mesh=mesh, scalars=(length,))
+  return fn(*args, length)
+
+
+def _prefix_flash(q, cache: Prefix, k, v, bk: int):
+  """Online softmax over the first ``cache.length`` keys of the cache, in blocks of ``bk`` (a loop
+  of ``ceil(length / bk)`` trips), then over the chunk's own keys; heads-first, fp32 statistics."""
+  b, nq, h, d = q.shape
+  n, length = cache.k.shape[-3], cache.length
+  scale = 1.0 / math.sqrt(d)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  qh = heads_first(q)
+
+  def update(carry, s, vals):
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    c = jnp.exp(m - m_new)
+    acc = acc * c[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(vals.dtype), vals,
+                                          preferred_element_type=jnp.float32)
+    return m_new, l * c + p.sum(-1), acc
+
+  def logits(keys):
+    return jnp.einsum("bhqd,bhkd->bhqk", qh, keys, preferred_element_type=jnp.float32) * scale
+
+  def block(j, carry):
+    # Only the blocks read are copied (heads-first); the last one is shifted to end at the
+    # buffer's end, and keys another block already took or not yet written are masked.
+    start = jnp.minimum(j * bk, n - bk)
+    kj, vj = (heads_first(cache.read(x, start, bk)) for x in (cache.k, cache.v))
+    idx = start + jnp.arange(bk)
+    written = (idx >= j * bk) & (idx < length)
+    s = jnp.where(written, logits(kj), -jnp.inf)
+    return update(carry, s, jnp.where(written[:, None], vj, 0))
+
+  carry = update((jnp.full((b, h, nq), -jnp.inf), jnp.zeros((b, h, nq)),
+                  jnp.zeros((b, h, nq, d), jnp.float32)), logits(heads_first(k)), heads_first(v))
+  m, l, acc = jax.lax.fori_loop(0, (length + bk - 1) // bk, block, carry)
+  return heads_first(acc / l[..., None]).astype(q.dtype)
+
+
+def sequence_parallel(kernel, q, *kv, mesh, scalars=()):
   """Ring-free sequence parallelism over the ``context`` axis: each device keeps its block of
   queries, all-gathers the keys and values (kept sharded over tokens outside attention, e.g. in
   the KV cache) and runs the kernel locally; batch stays split over data x fsdp, heads over
   ``tensor``. Keys too short to split (text tokens) arrive replicated over ``context``."""
   ctx = mesh_lib.axis_size(mesh, "context")
   q_spec = mesh_lib.role_spec(mesh, q.shape, ("batch", "tokens", "heads", None))
-  gather = k.shape[1] % ctx == 0
-  kv_spec = P(q_spec[0], "context" if gather else None, q_spec[2], None)
+  gather = [a.shape[1] % ctx == 0 for a in kv]
+  kv_specs = tuple(P(q_spec[0], "context" if g else None, q_spec[2], None) for g in gather)
 
-  def local(q, k, v):
-    if gather:
-      k, v = (jax.lax.all_gather(a, "context", axis=1, tiled=True) for a in (k, v))
-    return kernel(q, k, v)
+  def local(q, *rest):
+    kv, extra = rest[:len(gather)], rest[len(gather):]
+    kv = (jax.lax.all_gather(a, "context", axis=1, tiled=True) if g else a
+          for a, g in zip(kv, gather))
+    return kernel(q, *kv, *extra)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q, k, v)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, *kv_specs, *(P(),) * len(scalars)),
+                       out_specs=q_spec, check_vma=False)(q, *kv, *scalars)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +372,8 @@ class Layout:
     if self.mode == "kv_cache":
       if cache is None:
         return attend(q, k, v, self.kernel)
+      if isinstance(cache, Prefix):
+        return attend_cached(q, cache, k, v, self.kernel)
       ck, cv = cache
       return attend(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), self.kernel)
     if self.mode == "block_causal":

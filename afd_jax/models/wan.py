@@ -499,13 +499,16 @@ class WanModel(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     return jax.lax.map(lambda s: nnx.merge(graphdef, s).cross_attn.key_value(ctx), state)
 
-  def forward_cached(self, latents, timesteps, text_kv: KV, cache: KV | None, start_frame):
+  def forward_cached(self, latents, timesteps, text_kv: KV, cache: KV | None, start_frame,
+                     cache_len=None):
     """One chunk of KV-cache inference.
 
     ``latents [B, f, H, W, C]`` is the current chunk starting at absolute latent frame
     ``start_frame`` (RoPE offset); its queries attend to ``cache`` (post-RoPE K/V of earlier
-    tokens, ``[L, B, Nc, H, D]``, any order, or None) plus the chunk itself. Returns the velocity
-    and the chunk's own per-layer K/V ``[L, B, n, H, D]`` for the caller to commit.
+    tokens, ``[L, B, Nc, H, D]``, any order, or None) plus the chunk itself. ``cache_len`` (may be
+    traced): only the cache's first ``cache_len`` tokens are written, and attention does no work
+    on the rest. Returns the velocity and the chunk's own per-layer K/V ``[L, B, n, H, D]`` for the
+    caller to commit.
     """
     cfg = self.config
     grid = self._check_latents(latents, "latents")
@@ -514,6 +517,8 @@ class WanModel(nnx.Module):
     e, e0 = self._time(t)
     angles = rope_angles(cfg.head_dim, *grid, frame_offset=start_frame)
     layout = attn_lib.Layout("kv_cache", kernel=cfg.attention_kernel)
+    if cache is not None and cache_len is not None:
+      cache = attn_lib.Prefix(cache.k, cache.v, jnp.asarray(cache_len, jnp.int32))
     x, kv = self._run_blocks(self._embed(latents), e0, angles, text_kv, layout, cache,
                              return_kv=True)
     return self._unpatchify(self.head(x, e), grid), kv
@@ -601,11 +606,16 @@ class WanModel(nnx.Module):
     end = cfg.num_layers if end is None else end
     f = e0.shape[1]
     graphdef, state = nnx.split(self.blocks)
+    shared = None
+    if isinstance(cache, attn_lib.Prefix):   # every layer reads the one buffer in place
+      shared, cache = cache, jnp.arange(cfg.num_layers)
     if (start, end) != (0, cfg.num_layers):
       state, text, cache = jax.tree.map(lambda a: a[start:end], (state, text, cache))
 
     def body(x, layer):
       params, text_l, cache_l = layer
+      if shared is not None:
+        cache_l = shared._replace(layer=cache_l)
       x, kv = nnx.merge(graphdef, params)(x, e0, angles, text_l, layout, cache_l)
       x = mesh_lib.constrain(x, RESIDUAL_ROLES)
       return x, (constrain_kv(kv) if return_kv else None)
