@@ -10,8 +10,8 @@ attend to the committed K/V and to themselves. Text K/V are computed once.
 Static shapes, so the whole video compiles once per input shape, and its compile time does not
 grow with its length: the chunks run under ``lax.scan`` over one fixed-capacity cache buffer,
 written in place with dynamic slices; each chunk attends to the buffer's written prefix, and the
-attention kernels stop at its length (cuDNN's key sequence lengths, or an online-softmax loop
-over key blocks), so no work goes to unwritten slots. The denoising steps of a chunk run under an
+attention kernels stop at its length (cuDNN's key sequence lengths, or an online softmax over
+key blocks that skips every block past it), so no work goes to unwritten slots. The denoising steps of a chunk run under an
 inner ``lax.scan``. ``scan_chunks=False`` unrolls the chunks in Python over static cache slices
 instead (one program per chunk's shapes; compile time grows by about half a second per chunk on
 a CPU, where it ran 7- and 28-chunk global-attention rollouts 15-20 % faster and a 112-chunk one

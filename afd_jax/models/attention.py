@@ -48,10 +48,11 @@ def dense_attention(q, k, v):
 
   Computed heads-first (``[B, H, N, D]``): both products are then plain batched matmuls over
   (batch, head), so only q, k, v and the output are transposed (``O(N D)``), never the
-  ``[Nq, Nk]`` probabilities, which a tokens-first PV product makes XLA relayout."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+  ``[Nq, Nk]`` probabilities, which a tokens-first PV product makes XLA relayout. The scale goes
+  on q (``O(N D)`` multiplies instead of ``O(Nq Nk)``; exact when it is a power of two)."""
+  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q * scale, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
@@ -247,9 +248,9 @@ class Prefix(NamedTuple):
 def attend_cached(q, cache: Prefix, k, v, kernel: str = "auto", block: int = _FLASH_BLOCK):
   """``q [B, n, H, D]`` over the written part of ``cache`` plus its own ``k, v`` ``[B, n, H, D]``,
   doing no work on the unwritten part: cuDNN takes the valid key length (``key_value_seq_lengths``,
-  the chunk's own keys written after the prefix); every other kernel runs an online softmax whose
-  loop over the cache's key blocks stops at the last written one, then takes the chunk's own keys.
-  Forward only (rollouts are not differentiated)."""
+  the chunk's own keys written after the prefix); every other kernel runs an online softmax over
+  the chunk's own keys, then over the cache's key blocks, skipping (``lax.cond``) every block past
+  the written length; differentiable, so a rollout can be backpropagated through."""
   kernel = resolve_kernel(kernel, q.dtype)
   mesh = mesh_lib.current_mesh()
   ctx = mesh_lib.axis_size(mesh, "context")
@@ -274,8 +275,8 @@ def attend_cached(q, cache: Prefix, k, v, kernel: str = "auto", block: int = _FL
 
 
 def _prefix_flash(q, cache: Prefix, k, v, bk: int):
-  """Online softmax over the first ``cache.length`` keys of the cache, in blocks of ``bk`` (a loop
-  of ``ceil(length / bk)`` trips), then over the chunk's own keys; heads-first, fp32 statistics."""
+  """Online softmax over the chunk's own keys, then the first ``cache.length`` keys of the cache in
+  blocks of ``bk`` (later blocks skipped); heads-first, fp32 statistics."""
   b, nq, h, d = q.shape
   n, length = cache.k.shape[-3], cache.length
   scale = 1.0 / math.sqrt(d)
@@ -304,9 +305,12 @@ def _prefix_flash(q, cache: Prefix, k, v, bk: int):
     s = jnp.where(written, logits(kj), -jnp.inf)
     return update(carry, s, jnp.where(written[:, None], vj, 0))
 
+  def maybe_block(carry, j):   # blocks past the written length are skipped, not computed
+    return jax.lax.cond(j * bk < length, block, lambda j, carry: carry, j, carry), None
+
   carry = update((jnp.full((b, h, nq), -jnp.inf), jnp.zeros((b, h, nq)),
                   jnp.zeros((b, h, nq, d), jnp.float32)), logits(heads_first(k)), heads_first(v))
-  m, l, acc = jax.lax.fori_loop(0, (length + bk - 1) // bk, block, carry)
+  (m, l, acc), _ = jax.lax.scan(maybe_block, carry, jnp.arange(-(-n // bk)))
   return heads_first(acc / l[..., None]).astype(q.dtype)
 
 
