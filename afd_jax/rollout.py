@@ -13,9 +13,9 @@ written in place with dynamic slices; each chunk attends to the buffer's written
 attention kernels stop at its length (cuDNN's key sequence lengths, or an online softmax over
 key blocks that skips every block past it), so no work goes to unwritten slots. The denoising steps of a chunk run under an
 inner ``lax.scan``. ``scan_chunks=False`` unrolls the chunks in Python over static cache slices
-instead (one program per chunk's shapes; compile time grows by about half a second per chunk on
-a CPU, where it ran 7- and 28-chunk global-attention rollouts 15-20 % faster and a 112-chunk one
-8 % slower: ``docs/benchmarks.md``).
+instead (one program per chunk's shapes; its compile time grows by 0.65-0.8 s per chunk on a
+CPU, and its run time there was within that machine's noise of the scanned form's:
+``docs/benchmarks.md``).
 
 With ``window_frames`` (LongLive-style local attention) the cache holds ``sink_frames`` sink
 frames plus a ring of ``window_frames - sink_frames - chunk_frames`` recent frames, so videos longer
