@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -48,6 +47,7 @@ from afd_jax import rollout as rollout_lib
 from afd_jax.models import attention as attn_lib
 from afd_jax.models import wan
 from afd_jax.models import wan_vae
+from common import median_time, peak_device_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +76,6 @@ REAL = Shapes(matmul=8192, heads=12, head_dim=128, preset="1.3b", frames=21, hei
 SMOKE = Shapes(matmul=128, heads=2, head_dim=16, preset="tiny", frames=6, height=4, width=6,
                text_len=16, vae_video=(5, 16, 16), lora_rank=4, repeats=2,
                estimates=dict.fromkeys(REAL.estimates, 1))
-
-
-def peak_bytes():
-  """The device's peak memory so far (cumulative over the process; None on CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
-
-
-def median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def compile_timed(jitted, *args):
@@ -229,7 +214,7 @@ class Suite:
       f = flops.chunk_flops(cfg, 3 * tpf, 3 * c * tpf, s.text_len, 3)
       rows.append({"chunk": c, "ms": 1e3 * seconds, "compile_s": compile_s, "flops": f,
                    "mfu": self.mfu(f, seconds)})
-    return {"kernel": self.kernel, "rows": rows, "peak_bytes": peak_bytes()}
+    return {"kernel": self.kernel, "rows": rows, "peak_bytes": peak_device_bytes()}
 
   def rollout(self):
     s = self.s
@@ -244,7 +229,7 @@ class Suite:
     f = flops.rollout_flops(cfg, s.frames, tpf, s.text_len, 3, 4)
     return {"kernel": self.kernel, "frames": s.frames, "seconds": seconds, "compile_s": compile_s,
             "flops": f, "mfu": self.mfu(f, seconds), "memory_plan": memory_plan(compiled),
-            "peak_bytes": peak_bytes()}
+            "peak_bytes": peak_device_bytes()}
 
   # -- 5 ---------------------------------------------------------------------------------------
 
@@ -317,7 +302,7 @@ class Suite:
     finite = bool(np.isfinite(float(metrics["student/loss"])))
     return {"lora_rank": config.model.lora_rank, "kernel": self.kernel, "init_s": init_s,
             **times[-1], "iteration_s": sum(times[-1].values()), "compile_s": compile_s,
-            "memory_plan": plans, "peak_bytes": peak_bytes(), "loss_finite": finite}
+            "memory_plan": plans, "peak_bytes": peak_device_bytes(), "loss_finite": finite}
 
   # -- 6 ---------------------------------------------------------------------------------------
 
@@ -331,7 +316,7 @@ class Suite:
     first_s = time.perf_counter() - t0
     seconds = median_time(lambda: wan_vae.decode(vae, z), max(1, self.s.repeats // 2))
     return {"video": [f, h, w], "latents": list(lat), "seconds": seconds,
-            "first_call_s": first_s, "peak_bytes": peak_bytes()}
+            "first_call_s": first_s, "peak_bytes": peak_device_bytes()}
 
 
 def main(argv=None):

@@ -27,16 +27,10 @@ from flax import nnx
 from afd_jax import flops
 from afd_jax import rollout as rollout_lib
 from afd_jax.models import wan
+from common import median_time
 
 def timed(fn, *args, warmup=2, repeats=10):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_time(lambda: fn(*args), repeats, warmup)
 
 
 def xla_flops(fn, *args):

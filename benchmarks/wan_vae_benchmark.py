@@ -18,8 +18,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -28,16 +26,7 @@ import numpy as np
 from flax import nnx
 
 from afd_jax.models import wan_vae
-
-
-def timed(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+from common import median_time, peak_device_bytes
 
 
 def compiled(fn, graphdef, state, x, chunk):
@@ -48,11 +37,6 @@ def flops(c) -> float:
   cost = c.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get("flops", float("nan")))
-
-
-def peak_device_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
 
 
 def bench(vae, frames, height, width, chunk, repeats) -> list[dict]:
@@ -67,7 +51,7 @@ def bench(vae, frames, height, width, chunk, repeats) -> list[dict]:
   for what, fn, public, x in (
       ("encode", wan_vae._moments, lambda: wan_vae.encode(vae, video, chunk=chunk), video),
       ("decode", wan_vae._pixels, lambda: wan_vae.decode(vae, latents, chunk=chunk), mu)):
-    seconds = timed(public, repeats)
+    seconds = median_time(public, repeats, warmup=1)   # the first call compiles
     whole = flops(compiled(fn, graphdef, state, x, 0))
     temp = compiled(fn, graphdef, state, x, chunk).memory_analysis().temp_size_in_bytes
     rows.append({"what": what, "video": [frames, height, width], "latents": list(lat),
