@@ -113,10 +113,9 @@ def validate(config: ml_collections.ConfigDict):
   if config.disc.get("lora_rank", 0) and config.disc.freeze_below:
     problems.append("config.disc.freeze_below and config.disc.lora_rank both limit what the trunk "
                     "learns; use one (set freeze_below=0 with adapters)")
-  text_encoder = d.get("text_encoder", "tiny")
-  if text_encoder not in ("tiny", "umt5"):
-    problems.append(f"config.data.text_encoder={text_encoder!r} must be 'tiny' or 'umt5'")
-  elif text_encoder == "umt5" and not all(p and Path(p).exists() for p in (d.t5, d.tokenizer)):
+  if d.text_encoder not in ("tiny", "umt5"):
+    problems.append(f"config.data.text_encoder={d.text_encoder!r} must be 'tiny' or 'umt5'")
+  elif d.text_encoder == "umt5" and not all(p and Path(p).exists() for p in (d.t5, d.tokenizer)):
     problems.append(f"config.data.text_encoder='umt5' needs config.data.t5={d.t5!r} (the "
                     f"encoder) and config.data.tokenizer={d.tokenizer!r} (its folder) to exist")
   if config.afd.nft_branches not in ("both", "positive"):

@@ -177,18 +177,18 @@ def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk, plan
   sigmas = flow.timestep_to_sigma(ts)
   next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), jnp.float32)])
   static = isinstance(chunk, int)
-  if static:
-    n_read = plan.reads[chunk] * per_frame
+  if static:   # the read prefix sliced out exactly: every key in ctx is written
+    n_read, cache_len = plan.reads[chunk] * per_frame, None
     ctx = None if n_read == 0 else wan.KV(cache.k[:, :, :n_read], cache.v[:, :, :n_read])
-    x_in, n_read = noise[:, start:start + f], None
-  else:
-    n_read = jnp.asarray(plan.reads, jnp.int32)[chunk] * per_frame
+    x_in = noise[:, start:start + f]
+  else:        # the whole buffer, of which the first cache_len tokens are written
+    cache_len = jnp.asarray(plan.reads, jnp.int32)[chunk] * per_frame
     ctx = cache if plan.capacity_frames else None
     x_in = jax.lax.dynamic_slice_in_dim(noise, start, f, axis=1)
 
   def denoise(x, step):
     t, s, s_next, k = step
-    v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start, n_read)
+    v, _ = model.forward_cached(x, jnp.full((b,), t), text, ctx, start, cache_len)
     x0 = flow.x0_from_velocity(x, v, s)
     if cfg.sampler == "ode":
       x_next = x + (s_next - s) * v
@@ -204,7 +204,7 @@ def chunk_step(model: wan.WanModel, noise, text, cache: wan.KV, key, chunk, plan
 
   def commit(cache, slot):
     _, kv = model.forward_cached(clean, jnp.full((b,), cfg.commit_timestep), text, ctx, start,
-                                 n_read)
+                                 cache_len)
     return wan.constrain_kv(wan.KV(*(jax.lax.dynamic_update_slice_in_dim(
         c, n.astype(c.dtype), slot * per_frame, axis=2) for c, n in zip(cache, kv))))
 

@@ -227,7 +227,7 @@ def clean(text: str) -> str:
     import ftfy
   except ImportError as e:
     raise ImportError("Wan's prompt cleaning needs ftfy: `pip install 'afd_jax[text]'`.") from e
-  return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
+  return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text)))).strip()
 
 
 def load_tokenizer(path):

@@ -160,7 +160,7 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
   if shape[3] != student_cfg.in_dim:
     raise errors.UserError(f"the {d.encoder!r} encoder makes {shape[3]}-channel latents but the student "
                      f"takes in_dim={student_cfg.in_dim}; set model.overrides in_dim/out_dim.")
-  if d.get("text_encoder", "tiny") == "umt5":   # Wan's contexts, embedded once per workdir
+  if d.text_encoder == "umt5":   # Wan's contexts, embedded once per workdir
     from afd_jax import prompts as prompts_lib
     embeddings = prompts_lib.umt5_embeddings(
         prompts, Path(workdir or ".") / "text_embeddings", d.t5, d.tokenizer, d.text_length)
