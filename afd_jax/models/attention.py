@@ -279,8 +279,9 @@ def _prefix_flash(q, cache: Prefix, k, v, bk: int):
   blocks of ``bk`` (later blocks skipped); heads-first, fp32 statistics."""
   b, nq, h, d = q.shape
   n, length = cache.k.shape[-3], cache.length
+  scale = 1.0 / math.sqrt(d)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-  qh = heads_first(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype))   # scaled as in dense_attention
+  qh = heads_first(q)
 
   def update(carry, s, vals):
     m, l, acc = carry
@@ -292,7 +293,7 @@ def _prefix_flash(q, cache: Prefix, k, v, bk: int):
     return m_new, l * c + p.sum(-1), acc
 
   def logits(keys):
-    return jnp.einsum("bhqd,bhkd->bhqk", qh, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("bhqd,bhkd->bhqk", qh, keys, preferred_element_type=jnp.float32) * scale
 
   def block(j, carry):
     # Only the blocks read are copied (heads-first); the last one is shifted to end at the
