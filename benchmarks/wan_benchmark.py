@@ -82,9 +82,25 @@ def bench_config(name, cfg, frames, height, width, text_len, batch, repeats):
   return rows
 
 
-def rollout_scaling(chunk_counts, height=8, width=12, window_frames=None):
+def alternating_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+  """Median seconds of each callable, timed one after the other in each of ``repeats`` rounds, so
+  a shared machine's slow spells hit all of them alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def rollout_scaling(chunk_counts, height=8, width=12, window_frames=None, budget_s=60.0):
   """Compile and run time of the ``small`` model's rollout against the number of chunks, chunks
-  under ``lax.scan`` (``scan_chunks=True``) and unrolled, run side by side."""
+  under ``lax.scan`` (``scan_chunks=True``) and unrolled; run times in alternation, as many rounds
+  (3 to 15) as ``budget_s`` allows."""
   cfg = wan.preset("small", attention_kernel="dense", dtype="float32")
   graphdef, state = nnx.split(wan.init(cfg))
   key = jax.random.key(0)
@@ -94,15 +110,19 @@ def rollout_scaling(chunk_counts, height=8, width=12, window_frames=None):
     x = jax.random.normal(key, (1, 3 * chunks, height, width, cfg.in_dim), jnp.float32)
     row = dict(config="small", what=f"rollout {chunks} chunks", chunks=chunks,
                window_frames=window_frames)
-    for scan in (True, False):
+    programs = {}
+    for form, scan in (("scan", True), ("unrolled", False)):
       rcfg = rollout_lib.RolloutConfig(scan_chunks=scan, window_frames=window_frames)
-      fn = rollout_lib.make_rollout(graphdef, rcfg)
       t0 = time.perf_counter()
-      compiled = fn.lower(state, x, ctx, key).compile()
-      form = "scan" if scan else "unrolled"
+      programs[form] = rollout_lib.make_rollout(graphdef, rcfg).lower(state, x, ctx, key).compile()
       row[f"{form}_compile_s"] = time.perf_counter() - t0
-      row[f"{form}_s"] = timed(compiled, state, x, ctx, key, warmup=1, repeats=2)
-    row["seconds"] = row["scan_s"]
+    t0 = time.perf_counter()
+    jax.block_until_ready(programs["scan"](state, x, ctx, key))
+    rounds = int(min(15, max(3, budget_s / (2 * (time.perf_counter() - t0)))))
+    ms = alternating_medians({f: (lambda c=c: c(state, x, ctx, key)) for f, c in programs.items()},
+                             rounds)
+    row.update(scan_s=ms["scan"], unrolled_s=ms["unrolled"], rounds=rounds,
+               run_ratio=ms["scan"] / ms["unrolled"], seconds=ms["scan"])
     rows.append(row)
   return rows
 
@@ -131,11 +151,13 @@ def vs_diffusers(repeats, frames=9, height=32, width=48, text_len=64):
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((1, frames, height, width, cfg.in_dim), np.float32)
-  ctx = np.zeros((1, model.config.text_len, cfg.text_dim), np.float32)   # Wan pads to text_len
+  # A prompt of text_len umT5 rows: diffusers takes it zero-padded to the model's 512 rows (as its
+  # pipeline passes it); afd_jax takes the rows themselves, as Wan's own DiT does, and pads inside.
+  ctx = np.zeros((1, model.config.text_len, cfg.text_dim), np.float32)
   ctx[:, :text_len] = rng.standard_normal((1, text_len, cfg.text_dim))
   t = np.full((1,), 500.0, np.float32)
   ours = jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, t, c))
-  args = (state, jnp.asarray(x), jnp.asarray(ctx))
+  args = (state, jnp.asarray(x), jnp.asarray(ctx[:, :text_len]))
   tx = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
   tc, tt = torch.from_numpy(ctx), torch.from_numpy(t)
 
@@ -145,17 +167,7 @@ def vs_diffusers(repeats, frames=9, height=32, width=48, text_len=64):
 
   out = np.asarray(ours(*args))
   err = float(np.linalg.norm(out - peer().permute(0, 2, 3, 4, 1).numpy()) / np.linalg.norm(out))
-  times = {"afd_jax": [], "diffusers": []}
-  for _ in range(2):
-    jax.block_until_ready(ours(*args)), peer()
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(ours(*args))
-    t1 = time.perf_counter()
-    peer()
-    times["afd_jax"].append(t1 - t0)
-    times["diffusers"].append(time.perf_counter() - t1)
-  ms = {k: statistics.median(v) for k, v in times.items()}
+  ms = alternating_medians({"afd_jax": lambda: ours(*args), "diffusers": peer}, repeats, warmup=2)
   return [dict(config=f"small fp32 vs diffusers (torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads)",
                what=f"forward, {frames * (height // 2) * (width // 2)} tokens",
@@ -175,6 +187,7 @@ def main():
   rows = bench_config("tiny", wan.preset("tiny"), 9, 8, 12, 16, 2, args.repeats)
   rows += bench_config("small", wan.preset("small"), 9, 16, 24, 64, 1, args.repeats)
   if args.vs_diffusers:
+    rows += vs_diffusers(args.repeats, height=16, width=24)
     rows += vs_diffusers(args.repeats)
   if args.rollout_chunks:
     rows += rollout_scaling([int(c) for c in args.rollout_chunks.split(",")])
@@ -183,7 +196,8 @@ def main():
   for r in rows:
     af, xf = r.get("analytic_flops"), r.get("xla_flops")
     extra = (f"x{r['time_ratio']:.2f} of {1e3 * r['peer_seconds']:.1f} ms" if "peer_seconds" in r
-             else f"compile {r['scan_compile_s']:.1f} vs {r['unrolled_compile_s']:.1f} s" if "chunks" in r
+             else (f"compile {r['scan_compile_s']:.1f} vs {r['unrolled_compile_s']:.1f} s, "
+                   f"run x{r['run_ratio']:.2f}") if "chunks" in r
              else f"time {r['time_ratio']:.2f} / flop {r['flop_ratio']:.2f}" if "time_ratio" in r
              else "")
     gf = lambda v, w: f"{v / 1e9:>{w}.3f}" if v else " " * w

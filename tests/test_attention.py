@@ -20,6 +20,44 @@ def test_dense_kernel_is_softmax_attention():
                              atol=1e-5)
 
 
+def test_dense_kernel_in_query_blocks_equals_one_block(monkeypatch):
+  """A logits budget of 100 values splits 2 x 2 x 13 queries over 9 keys into 5 padded blocks of 3:
+  the same outputs and gradients as one block, and the per-key bias shifts the logits."""
+  q, _, _ = _qkv(13)
+  _, k, v = _qkv(9, seed=1)
+  bias = np.linspace(-1.0, 2.0, 9).astype(np.float32)
+  loss = lambda q, k, v: jnp.sum(jnp.sin(A.dense_attention(q, k, v, bias)))
+  whole = [A.dense_attention(q, k, v, bias), jax.grad(loss, (0, 1, 2))(q, k, v)]
+  monkeypatch.setattr(A, "_DENSE_BLOCK_LOGITS", 100)
+  blocked = jax.make_jaxpr(lambda q: A.dense_attention(q, k, v, bias))(q)
+  assert "scan" in str(blocked) and "length=5" in str(blocked)
+  got = [A.dense_attention(q, k, v, bias), jax.grad(loss, (0, 1, 2))(q, k, v)]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + bias
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(got[0], np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v),
+                             atol=1e-5)
+
+
+def test_text_attention_counts_the_collapsed_padding_row():
+  """Keys ``[5 rows; pad]`` with ``text_len = 12`` equal dense attention over the 5 rows and seven
+  copies of the pad row; with ``text_len`` rows it is plain attention with the chosen kernel; the
+  same under sequence parallelism."""
+  from afd_jax import mesh as mesh_lib
+
+  q, _, _ = _qkv(12)
+  _, k, v = _qkv(6, seed=1)
+  padded = [jnp.concatenate([x, jnp.repeat(x[:, -1:], 6, 1)], 1) for x in (k, v)]
+  want = A.dense_attention(q, *padded)
+  np.testing.assert_allclose(A.attend_text(q, k, v, 12, "blockwise"), want, atol=2e-6)
+  np.testing.assert_array_equal(A.attend_text(q, *padded, 12, "blockwise"),
+                                A.blockwise_attention(q, *padded))
+  with jax.set_mesh(mesh_lib.make_mesh(8, data=1, context=4, tensor=2)):
+    got = jax.jit(lambda q, k, v: A.attend_text(q, k, v, 12, "dense"))(q, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 @pytest.mark.parametrize("window,sink", [(None, 0), (12, 0), (12, 4), (16, 4)])
 def test_block_causal_layout_equals_masked_reference(window, sink):
   q, k, v = _qkv(24)

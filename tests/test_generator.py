@@ -61,8 +61,8 @@ def test_exit_estimate_recomputes_the_rollout_and_only_its_exit_step_has_gradien
   loss = lambda fn: jax.jit(jax.grad(lambda p: jnp.sum(weights * fn(p))))(params)
   ours = loss(est)
   cached = loss(lambda p: _cached_exit_estimate(graphdef, p, inputs, exit_step, clean, context))
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(cached)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(cached)):   # float32 rounding of two
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))   # orders
 
   # Backpropagating through the whole rollout (every step and the cache) is something else.
   whole = loss(lambda p: R.rollout(nnx.merge(graphdef, p), noise, context, jax.random.key(4),

@@ -83,12 +83,19 @@ def test_precomputed_text_kv_equals_context(tiny_model, fwd, inputs):
 def test_short_contexts_are_zero_padded_to_text_len_as_wan_does(tiny_model, fwd, inputs):
   """7 of text_len = 16 rows given: the model pads with zero rows that still take part in
   cross-attention, so the output is that of the explicitly padded context and not that of
-  attending to the given rows alone (the published model's convention)."""
+  attending to the given rows alone (the published model's convention). The nine padding rows are
+  kept as one key that counts nine times."""
   latents, context = inputs
   t = jnp.array([500.0, 10.0])
   padded = jnp.pad(context, ((0, 0), (0, tiny_model.config.text_len - context.shape[1]), (0, 0)))
-  np.testing.assert_array_equal(fwd(latents, t, context), fwd(latents, t, padded))
-  assert tiny_model.text_kv(context).k.shape[2] == tiny_model.config.text_len
+  short = fwd(latents, t, context)
+  np.testing.assert_allclose(short, fwd(latents, t, padded), rtol=1e-5, atol=1e-6)
+  assert tiny_model.text_kv(context).k.shape[2] == context.shape[1] + 1
+  assert tiny_model.text_kv(padded).k.shape[2] == tiny_model.config.text_len
+  alone = tiny_model.config.replace(text_len=context.shape[1])
+  graphdef, state = nnx.split(tiny_model)
+  unpadded = nnx.merge(nnx.graphdef(wan.abstract(alone)), state)(latents, t, context)
+  assert float(jnp.abs(unpadded - short).max()) > 1e-3
   with pytest.raises(ValueError, match="more than the model's text_len=16"):
     tiny_model.text_kv(jnp.zeros((2, 17, tiny_model.config.text_dim)))
 

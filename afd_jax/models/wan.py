@@ -289,6 +289,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
     d = cfg.dim
     self.eps = cfg.eps
+    self.text_len = cfg.text_len
     self.modulation = _modulation_table(6, cfg, rngs)
     self.self_attn = Attention(cfg, rngs)
     self.cross_attn = Attention(cfg, rngs)
@@ -316,7 +317,7 @@ class Block(nnx.Module):
 
     h = self.norm3(x) if self.norm3 is not None else x
     q = self.cross_attn.query(h.reshape(b, f * t, d).astype(dtype))
-    y = attn_lib.attend(q, text.k, text.v, layout.kernel)
+    y = attn_lib.attend_text(q, text.k, text.v, self.text_len, layout.kernel)
     x = x + self.cross_attn.out(y).astype(jnp.float32).reshape(b, f, t, d)
 
     h = (layer_norm(x, self.eps) * (1 + c_scale) + c_shift).astype(dtype)
@@ -486,17 +487,20 @@ class WanModel(nnx.Module):
     return self._unpatchify(self.head(x, e), grid)
 
   def text_kv(self, context) -> KV:
-    """Per-layer cross-attention keys/values ``[L, B, text_len, H, D]``; compute once per prompt.
+    """Per-layer cross-attention keys/values ``[L, B, T, H, D]``; compute once per prompt.
 
-    As Wan (and Self-Forcing) do inside the model, a context shorter than ``text_len`` is
-    zero-padded to it, and the padding rows, embedded like any other, take part in
-    cross-attention: umT5's trimmed embeddings give the published model's outputs."""
+    As Wan (and Self-Forcing) do inside the model, a context of ``C < text_len`` rows is
+    zero-padded to ``text_len``, and the padding rows, embedded like any other, take part in
+    cross-attention: umT5's trimmed embeddings give the published model's outputs. The padding
+    rows all embed to the same key and value, so they are kept as one row (``T = C + 1``) that
+    :func:`attention.attend_text` counts ``text_len - C`` times: the same outputs from
+    ``text_len / (C + 1)`` times fewer keys. A context of ``text_len`` rows is kept whole."""
     self._check_context(context)
     missing = self.config.text_len - context.shape[1]
     if missing < 0:
       raise errors.UserError(f"context has {context.shape[1]} text rows, more than the model's "
                              f"text_len={self.config.text_len}; trim it to the model's length.")
-    context = jnp.pad(context, ((0, 0), (0, missing), (0, 0)))
+    context = jnp.pad(context, ((0, 0), (0, min(missing, 1)), (0, 0)))
     ctx = self.text_embedding(context.astype(self.text_embedding.linear_1.dtype))
     graphdef, state = nnx.split(self.blocks)
     return jax.lax.map(lambda s: nnx.merge(graphdef, s).cross_attn.key_value(ctx), state)
@@ -557,8 +561,10 @@ class WanModel(nnx.Module):
 
   def _text(self, context, text_kv, b) -> KV:
     if text_kv is not None:
-      if text_kv.k.ndim != 5 or text_kv.k.shape[:2] != (self.config.num_layers, b):
-        raise errors.UserError(f"text_kv must be [L={self.config.num_layers}, B={b}, T, H, D], got "
+      if (text_kv.k.ndim != 5 or text_kv.k.shape[:2] != (self.config.num_layers, b)
+          or text_kv.k.shape[2] > self.config.text_len):
+        raise errors.UserError(f"text_kv must be [L={self.config.num_layers}, B={b}, "
+                               f"T <= text_len={self.config.text_len}, H, D], got "
                          f"{text_kv.k.shape}.")
       return text_kv
     self._check_context(context)
