@@ -62,7 +62,8 @@ def bench_config(name, cfg, frames, height, width, text_len, batch, repeats):
   fn = rollout_lib.make_rollout(graphdef, rcfg)
   analytic = batch * flops.rollout_flops(cfg, frames, tpf, text_len, 3, len(rcfg.denoising_steps))
   seconds = timed(fn, state, x, ctx, key, warmup=1, repeats=max(3, repeats // 3))
-  exact = rollout_lib.make_rollout(unrolled, rollout_lib.RolloutConfig(unroll_steps=True))
+  exact = rollout_lib.make_rollout(unrolled, rollout_lib.RolloutConfig(unroll_steps=True,
+                                                                        scan_chunks=False))
   rows.append(dict(config=name, what=f"rollout {frames} frames x 4 steps", seconds=seconds,
                    analytic_flops=analytic, xla_flops=xla_flops(exact, state, x, ctx, key)))
 
