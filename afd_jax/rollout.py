@@ -10,11 +10,12 @@ attend to the committed K/V and to themselves. Text K/V are computed once.
 Static shapes, so the whole video compiles once per input shape, and its compile time does not
 grow with its length: the chunks run under ``lax.scan`` over one fixed-capacity cache buffer,
 written in place with dynamic slices; each chunk attends to the buffer's written prefix, and the
-attention kernels stop at its length (cuDNN's key sequence lengths, or an online softmax over
-key blocks that skips every block past it), so no work goes to unwritten slots. The denoising steps of a chunk run under an
-inner ``lax.scan``. ``scan_chunks=False`` unrolls the chunks in Python over static cache slices
-instead (one program per chunk's shapes; its compile time grows by 0.65-0.8 s per chunk on a
-CPU, and its run time there was within that machine's noise of the scanned form's:
+attention kernels stop at its length (cuDNN's key sequence lengths; for ``dense`` the shortest of
+at most 17 static prefixes that holds it; elsewhere an online softmax over key blocks that skips
+every block past it), so (almost) no work goes to unwritten slots. The denoising steps of a chunk
+run under an inner ``lax.scan``. ``scan_chunks=False`` unrolls the chunks in Python over static
+cache slices instead (one program per chunk's shapes; its compile time grows by 0.65-0.8 s per
+chunk on a CPU, and its run time there equals the scanned form's within 3 %:
 ``docs/benchmarks.md``).
 
 With ``window_frames`` (LongLive-style local attention) the cache holds ``sink_frames`` sink

@@ -169,11 +169,13 @@ def test_sequence_parallel_attention_matches_one_device():
     np.testing.assert_allclose(a, b, atol=2e-6)
 
 
-@pytest.mark.parametrize("kernel,block", [("dense", 16), ("blockwise", 512)])
-def test_cached_prefix_attention_reads_only_the_written_keys(kernel, block):
+@pytest.mark.parametrize("kernel,block,step", [("dense", 16, 128), ("dense", 16, 8),
+                                               ("blockwise", 512, 128), ("blockwise", 16, 128)])
+def test_cached_prefix_attention_reads_only_the_written_keys(kernel, block, step, monkeypatch):
   """A chunk's queries over the first ``length`` (traced) keys of a cache plus its own keys equal
-  dense attention over exactly those keys; what lies past ``length`` (here NaN) is never read.
-  Lengths: none written, inside a block, at a block boundary, the whole cache."""
+  dense attention over exactly those keys; what lies past ``length`` (here NaN) gets no weight.
+  Lengths: none written, inside a block (or prefix step), at a boundary, the whole cache."""
+  monkeypatch.setattr(A, "_PREFIX_STEP", step)
   q, k, v = _qkv(12)
   _, ck, cv = _qkv(40, seed=1)
   cached = jax.jit(lambda q, ck, cv, k, v, n: A.attend_cached(q, A.Prefix(ck, cv, n), k, v, kernel,
@@ -184,13 +186,26 @@ def test_cached_prefix_attention_reads_only_the_written_keys(kernel, block):
     np.testing.assert_allclose(cached(q, *poisoned, k, v, n), want, atol=2e-6)
 
 
-def test_cached_prefix_attention_runs_sequence_parallel():
+def test_dense_cached_attention_switches_among_a_bounded_number_of_prefixes():
+  """However long the cache, the dense kernel's cached form compiles at most 17 prefix lengths
+  (so a rollout's compile time does not grow with its length), the longest the whole cache."""
+  q, k, v = _qkv(12, b=1)
+  for n, lengths in ((40, 2), (4000, 17)):
+    ck = jnp.zeros((1, n, 2, 8))
+    jaxpr = jax.make_jaxpr(lambda n: A.attend_cached(q, A.Prefix(ck, ck, n), k, v, "dense"))(
+        jnp.int32(0))
+    (switch,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(switch.params["branches"]) == lengths
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+def test_cached_prefix_attention_runs_sequence_parallel(kernel):
   from afd_jax import mesh as mesh_lib
 
   q, k, v = _qkv(12)
   _, ck, cv = _qkv(40, seed=1)
   fn = jax.jit(lambda q, ck, cv, k, v: A.attend_cached(q, A.Prefix(ck, cv, jnp.int32(20)), k, v,
-                                                       "dense", 8))
+                                                       kernel, 8))
   want = fn(q, ck, cv, k, v)
   with jax.set_mesh(mesh_lib.make_mesh(8, data=1, context=4, tensor=2)):
     got = fn(q, ck, cv, k, v)
