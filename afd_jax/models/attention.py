@@ -10,8 +10,10 @@ Two layers, kept apart on purpose:
 * **Layouts** express every causal pattern the student needs as *static slices* of the keys:
   chunk ``b`` of a block-causal sequence attends to the key prefix that ends with its own chunk, a
   teacher-forcing noisy chunk to the clean prefix plus itself, a KV-cache chunk to the cache plus
-  itself. No mask is ever built, every kernel runs maskless on exactly the work needed, and a
-  video of C chunks costs the block-causal minimum (C+1)/(2C) of a bidirectional pass.
+  itself. No ``[Nq, Nk]`` mask is ever built and a video of C chunks costs the block-causal
+  minimum (C+1)/(2C) of a bidirectional pass. The one traced length, a rollout's written cache
+  under ``lax.scan``, is handled by :func:`attend_cached` (a per-key mask on at most one step of
+  keys past it, or none).
 
 Under a mesh with a ``context`` axis (``jax.set_mesh``), every kernel call runs sequence-parallel
 in ``jax.shard_map``: each device keeps its block of queries and all-gathers the keys and values.
@@ -46,15 +48,16 @@ _PREFIX_LENGTHS, _PREFIX_STEP = 16, 128   # static cache prefixes of the dense k
 
 
 def dense_attention(q, k, v, key_bias=None):
-  """Reference kernel: fp32 logits and softmax, output in the dtype of ``q``; ``key_bias [Nk]``
-  (static) is added to every query's logits (cross-attention's count of collapsed padding rows).
+  """Reference kernel: fp32 logits and softmax, output in the dtype of ``q``. ``key_bias [Nk]`` is
+  added to every query's logits: the ``log`` count of collapsed text padding, or ``-inf`` on cache
+  keys not yet written.
 
   Computed heads-first (``[B, H, N, D]``): both products are then plain batched matmuls over
   (batch, head), so only q, k, v and the output are transposed (``O(N D)``), never the
   ``[Nq, Nk]`` probabilities. The scale goes on q and the normalisation on the output (``O(N D)``
   operations each instead of ``O(Nq Nk)``). Queries run in blocks whose logits stay within
   ``_DENSE_BLOCK_LOGITS`` values, so the exponentials are re-read from cache rather than memory
-  (measured on a 2-core CPU at 3,456 tokens: 106 ms unblocked, 60 ms blocked); each block's rows
+  (one layer at 3,456 tokens on a 2-core CPU: 106 ms before, 60-66 ms blocked); each block's rows
   are computed exactly as an unblocked call computes them."""
   b, n, h, d = q.shape
   blocks = -(-b * h * n * k.shape[1] // _DENSE_BLOCK_LOGITS)
