@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from flax import nnx
 from afd_jax import flops
 from afd_jax import rollout as rollout_lib
 from afd_jax.models import wan
-from common import median_time
+from common import alternating_medians, median_time
 
 def timed(fn, *args, warmup=2, repeats=10):
   return median_time(lambda: fn(*args), repeats, warmup)
@@ -81,21 +80,6 @@ def bench_config(name, cfg, frames, height, width, text_len, batch, repeats):
   rows.append(dict(config=name, what="last/first chunk (C5)", seconds=last,
                    time_ratio=last / first, flop_ratio=flop_ratio))
   return rows
-
-
-def alternating_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
-  """Median seconds of each callable, timed one after the other in each of ``repeats`` rounds, so
-  a shared machine's slow spells hit all of them alike."""
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rollout_scaling(chunk_counts, height=8, width=12, window_frames=None, budget_s=60.0):
