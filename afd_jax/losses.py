@@ -59,6 +59,25 @@ def bt_accuracy(teacher_logits, student_logits):
   return jnp.mean((teacher_logits > student_logits).astype(jnp.float32))
 
 
+def mismatch_partners(context, group_size: int = 1):
+  """For every row, the row holding the same teacher draw of the batch's most similar *other*
+  prompt (cosine of the mean-pooled text embeddings ``context [P * K, L, D]``, prompt-major).
+
+  Its teacher video, judged under this row's prompt, is a real video that fits the prompt less:
+  the matching-aware discriminator's negative (Reed et al. 2016). The nearest prompt shares the
+  most words the batch allows, so the pair differs in as few of them as it can."""
+  b = context.shape[0]
+  if b % group_size or b // group_size < 2:
+    raise ValueError(f"{b} rows are not >= 2 prompts of {group_size} rollouts each.")
+  pooled = jnp.mean(context.reshape(b // group_size, group_size, -1, context.shape[-1])[:, 0],
+                    axis=1).astype(jnp.float32)
+  unit = pooled / (jnp.linalg.norm(pooled, axis=-1, keepdims=True) + 1e-6)
+  similarity = unit @ unit.T
+  similarity = jnp.where(jnp.eye(similarity.shape[0], dtype=bool), -jnp.inf, similarity)
+  nearest = jnp.argmax(similarity, axis=-1)
+  return (nearest[:, None] * group_size + jnp.arange(group_size)[None]).reshape(b)
+
+
 def finite_difference_penalty(logits, perturbed_logits, sigma: float):
   """Approximate R1 (teacher inputs) / R2 (student inputs): ``mean(((D(x + d) - D(x)) / s)^2)``
   with ``d ~ N(0, s^2 I)``; the caller evaluates D on the perturbed inputs."""

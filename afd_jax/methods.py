@@ -17,6 +17,7 @@ from afd_jax import losses
 from afd_jax import rollout as rollout_lib
 from afd_jax import steps
 from afd_jax import teachers
+from afd_jax.eval import physics as eval_physics
 from afd_jax.models import wan
 
 if TYPE_CHECKING:   # configs are ConfigDicts; the steps and programs import without ml_collections
@@ -27,6 +28,7 @@ NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old po
 WITH_DISC = ("afd", "afd_frozen_disc", "gan")    # a discriminator in the training state
 GENERATOR = ("gan", "dmd")                       # losses through the rollout's exit step
 ON_POLICY = NFT + GENERATOR                      # methods that roll out the student
+ORACLE_SCORES = ("physics_error", *eval_physics.TERMS)  # what afd_oracle ranks (lower: better)
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -118,6 +120,17 @@ def validate(config: ml_collections.ConfigDict):
   elif d.text_encoder == "umt5" and not all(p and Path(p).exists() for p in (d.t5, d.tokenizer)):
     problems.append(f"config.data.text_encoder='umt5' needs config.data.t5={d.t5!r} (the "
                     f"encoder) and config.data.tokenizer={d.tokenizer!r} (its folder) to exist")
+  if config.disc.mismatch_weight < 0:
+    problems.append(f"config.disc.mismatch_weight={config.disc.mismatch_weight} must be >= 0")
+  elif config.disc.mismatch_weight > 0 and config.method not in WITH_DISC:
+    problems.append(f"config.disc.mismatch_weight={config.disc.mismatch_weight}: "
+                    f"{config.method!r} trains no discriminator; use 0")
+  elif config.disc.mismatch_weight > 0 and d.batch_size < 2:
+    problems.append("config.disc.mismatch_weight > 0 pairs each prompt with another prompt of "
+                    f"the batch; config.data.batch_size={d.batch_size} must be >= 2")
+  if config.afd.oracle_score not in ORACLE_SCORES:
+    problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
+                    f"{ORACLE_SCORES} (the physics score or one of its terms)")
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")
@@ -153,6 +166,7 @@ def afd_config(config) -> steps.AFDConfig:
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
       micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,
+      mismatch_weight=config.disc.mismatch_weight,
       dmd_sigma=tuple(config.dmd.sigma_range))
 
 

@@ -54,6 +54,8 @@ class AFDConfig:
   negative_branch: bool = True     # False: reward-weighted flow matching (positive branch only)
   micro_batches: int = 1           # gradients accumulated over this many slices of the batch
   disc_loss: str = "bt"            # "bt": prompt-paired Bradley-Terry; "gan": unpaired logistic
+  mismatch_weight: float = 0.0     # > 0: also rank each teacher video above the nearest other
+                                   # prompt's, under its own prompt (matching-aware)
   dmd_sigma: tuple[float, float] = (0.02, 0.98)  # DMD: noise levels of the score comparison
 
   def __post_init__(self):
@@ -70,6 +72,8 @@ class AFDConfig:
     if not 0.0 <= self.disc_tau_min <= self.disc_tau_max <= 1.0:
       raise errors.UserError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
                        f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
+    if not self.mismatch_weight >= 0.0:
+      raise errors.UserError(f"mismatch_weight must be >= 0, got {self.mismatch_weight}.")
     if self.micro_batches < 1:
       raise errors.UserError(f"micro_batches={self.micro_batches} must be >= 1.")
     if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
@@ -167,18 +171,26 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     return merged(graphdef, lora, frozen, params)(x, t, context)
 
   def loss_fn(params, micro, frozen):
-    """One micro-batch; its noise is drawn for the whole batch beforehand (same draws whatever the
-    micro-batching)."""
-    x_teacher, x_student, context, tau, eps, delta = micro
+    """One micro-batch; its noise and mismatched teacher videos are drawn for the whole batch
+    beforehand (the same whatever the micro-batching)."""
+    x_teacher, x_student, context, tau, eps, delta, x_mismatch = micro
     b = x_teacher.shape[0]
     x = jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)])
     t = jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS
     ctx = jnp.concatenate([context, context])
-    logits = logits_fn(params, x, t, ctx, frozen)
-    teacher, student = logits[:b], logits[b:]
+    if cfg.mismatch_weight > 0:  # in the same call: another prompt's teacher video, this prompt
+      logits = logits_fn(params, jnp.concatenate([x, flow.add_noise(x_mismatch, eps, tau)]),
+                         jnp.concatenate([t, t[:b]]), jnp.concatenate([ctx, context]), frozen)
+    else:
+      logits = logits_fn(params, x, t, ctx, frozen)
+    teacher, student = logits[:b], logits[b:2 * b]
     bt = losses.bt_loss(teacher, student)
     loss = losses.disc_loss(cfg.disc_loss, teacher, student)
     parts = {"disc/bt_loss": bt}
+    if cfg.mismatch_weight > 0:   # paired under one prompt whatever disc_loss: BT
+      parts["disc/mismatch_loss"] = losses.bt_loss(teacher, logits[2 * b:])
+      parts["disc/mismatch_accuracy"] = losses.bt_accuracy(teacher, logits[2 * b:])
+      loss = loss + cfg.mismatch_weight * parts["disc/mismatch_loss"]
     if cfg.r1_weight or cfg.r2_weight:
       perturbed = logits_fn(params, x + jnp.swapaxes(delta, 0, 1).reshape(x.shape), t, ctx,
                             frozen)
@@ -196,7 +208,9 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     delta = (cfg.penalty_sigma * jnp.swapaxes(
         jax.random.normal(k_r, (2, *x_teacher.shape), x_teacher.dtype), 0, 1)   # [B, 2, ...]
              if cfg.r1_weight or cfg.r2_weight else jnp.zeros((b, 0)))
-    batch = (x_teacher, x_student, context, tau, eps, delta)
+    x_mismatch = (x_teacher[losses.mismatch_partners(context, cfg.group_size)]
+                  if cfg.mismatch_weight > 0 else jnp.zeros((b, 0)))
+    batch = (x_teacher, x_student, context, tau, eps, delta, x_mismatch)
     metrics = {}
     if update:
       grads, (loss, (teacher, student, parts)) = accumulate(

@@ -130,9 +130,10 @@ class Trainer:
     if self.method == "afd_oracle" or self.diagnose:
       physics = self.rollout_physics(x_student, self.step_ids(step))
     if self.method == "afd_oracle":
-      scores = -physics["physics_error"]
-      r, adv, metrics = self.fns.advantage(np.zeros_like(scores), scores)
+      score = self.config.afd.oracle_score
+      r, adv, metrics = self.fns.advantage(np.zeros_like(physics[score]), -physics[score])
       metrics["oracle/physics_error"] = float(np.mean(physics["physics_error"]))
+      metrics[f"oracle/{score}"] = float(np.mean(physics[score]))
     else:   # the discriminator's program computes the advantage too
       out = self._disc_step(teacher, x_student, context, keys["disc"],
                             train=self.method == "afd"
@@ -405,8 +406,33 @@ class Trainer:
   # -- samples and evaluation ------------------------------------------------------------------
 
   def evaluate(self, step: int, write: bool = True) -> dict:
-    """The EMA student on held-out prompts (``evaluation.Evaluator``)."""
-    return self.evaluator.evaluate(self.state["student"]["ema"], step, write)
+    """The EMA student on held-out prompts (``evaluation.Evaluator``); with the physics teacher,
+    also what the discriminator reads (``probe/*``, ``eval.disc_probe``)."""
+    out = self.evaluator.evaluate(self.state["student"]["ema"], step, write)
+    if "disc" in self.state and self.data.physics_world is not None and self.data.embed:
+      from afd_jax.eval import disc_probe
+      prompts = [self.pool.prompts[i] for i in self.evaluator.eval_ids()]
+      probes = disc_probe.probe(self.disc_logits, prompts, self.data.physics_world,
+                                evaluation.SEED)
+      out.update({f"probe/{k}": v for k, v in probes.items()})
+    return out
+
+  def disc_logits(self, videos, prompts) -> np.ndarray:
+    """The discriminator's logits of uint8 ``videos`` under ``prompts`` (any text), in batches
+    of the compiled size; its noise augmentation depends only on the row's position."""
+    rows, n = methods.rollout_rows(self.config), len(prompts)
+    x = np.stack([self.data.encoder.encode(v) for v in videos])
+    context = self.data.embed(list(prompts))
+    x, context = (np.concatenate([a, np.repeat(a[-1:], -n % rows, 0)]) for a in (x, context))
+    out = []
+    with jax.set_mesh(self.mesh):
+      for i in range(0, len(x), rows):
+        xs, cs = (self._to_global(data_lib.host_slice(a[i:i + rows])) for a in (x, context))
+        scored = self.fns.score(self.state["disc"]["params"], xs, xs, cs, jax.random.key(i),
+                                self.frozen["disc"])
+        out.append(np.asarray(multihost_utils.process_allgather(scored["teacher_logits"],
+                                                                tiled=True)))
+    return np.concatenate(out)[:n]
 
   def copy(self, params):
     """A device copy of student parameters with their shardings (safe from donation)."""

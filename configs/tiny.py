@@ -44,6 +44,8 @@ def get_config():
   c.disc.lora_alpha = 256.0
   c.disc.lora_targets = (r"(self_attn|cross_attn)/[qkvo]/kernel$", r"ffn_(in|out)/kernel$")
   c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
+  c.disc.mismatch_weight = 0.0         # > 0: also rank teacher videos above the nearest other
+                                       # prompt's under their own prompt (0: the paper's recipe)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.chunk_frames = 3
@@ -101,6 +103,7 @@ def get_config():
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through
+  c.afd.oracle_score = "physics_error"  # afd_oracle ranks rollouts by this (or one of its terms)
 
   c.dmd = ml_collections.ConfigDict()  # distribution matching (method=dmd: distilling a base)
   c.dmd.critic_ratio = 5               # critic updates per student update (Self-Forcing: 5)

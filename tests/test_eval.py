@@ -4,13 +4,14 @@ video scores clearly worse on the metric meant to catch it, and the outputs can 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from afd_jax.eval import frechet, physics, quality, report, tracking
+from afd_jax.eval import disc_probe, frechet, physics, quality, report, tracking
 from afd_jax.teachers.physics import PhysicsWorld, parse_prompt, sample_prompts
 from afd_jax.video import write_gif
 
@@ -139,6 +140,47 @@ def test_teacher_physics_near_zero_and_below_every_broken_video(teacher, teacher
   assert 0.25 < scores["wrong_world"]["gravity_ratio"] < 0.55, scores["wrong_world"]
   assert np.isnan(scores["noise"]["gravity_ratio"])
   assert all(np.isfinite(v) for s in scores.values() for k, v in s.items() if k != "gravity_ratio")
+
+
+def test_gravity_slope_reads_whether_gravity_follows_the_word(teacher_physics):
+  """1 for the teacher, about 0 for a world that drops every ball alike whatever the word, the
+  scale factor for a world that scales every gravity alike."""
+  rows, _ = teacher_physics
+  assert len({parse_prompt(p).gravity for p in PROMPTS}) == 3
+  assert physics.gravity_slope(rows, PROMPTS) == pytest.approx(1.0, abs=0.05)
+  blind = np.stack([WORLD.render(re.sub(r"\w+ gravity", "normal gravity", p), 1) for p in PROMPTS])
+  assert abs(physics.gravity_slope(physics.evaluate(blind, PROMPTS, WORLD)[0], PROMPTS)) < 0.1
+  half = np.stack([PhysicsWorld(gravity_range=(0.5, 0.5)).render(p, 1) for p in PROMPTS])
+  assert physics.gravity_slope(physics.evaluate(half, PROMPTS, WORLD)[0], PROMPTS) \
+      == pytest.approx(0.5, abs=0.05)
+  weak = [p for p in PROMPTS if "weak" in p]
+  assert np.isnan(physics.gravity_slope([rows[PROMPTS.index(p)] for p in weak], weak))
+
+
+def test_discriminator_probes_tell_a_physics_reader_from_a_looks_reader():
+  """A discriminator that knows every true (video, prompt) pair prefers it in every probe; one
+  that reads brightness prefers undimmed videos and ignores whether a video fits its prompt (the
+  colour word's videos differ in brightness, the others hardly); a constant one is blind to
+  everything (0.5: ties count half)."""
+  prompts = SINGLE[:4]
+  seed = 3
+  truth = {(WORLD.render(p, seed).tobytes(), p) for p in prompts}
+  perfect = lambda videos, ps: np.array([float((v.tobytes(), p) in truth)
+                                         for v, p in zip(videos, ps)])
+  looks = lambda videos, ps: videos.reshape(len(videos), -1).mean(-1)
+  constant = lambda videos, ps: np.zeros(len(videos))
+  probes = disc_probe.probe(perfect, prompts, WORLD, seed)
+  assert set(probes) == {"gravity_word", "bounciness_word", "direction_word", "color_word",
+                         "half_gravity", "half_bounce", "dimmed"}
+  assert all(v == 1.0 for v in probes.values()), probes
+  by_looks = disc_probe.probe(looks, prompts, WORLD, seed)
+  assert by_looks["dimmed"] == 1.0 and by_looks != probes
+  assert all(v == 0.5 for v in disc_probe.probe(constant, prompts, WORLD, seed).values())
+  assert disc_probe.other_words("one red ball dropped, weak gravity, soft", "gravity") == [
+      "one red ball dropped, normal gravity, soft", "one red ball dropped, strong gravity, soft"]
+  assert disc_probe.other_words("two white and red balls dropped, weak gravity, soft", "color") \
+      == ["two green and red balls dropped, weak gravity, soft",
+          "two blue and red balls dropped, weak gravity, soft"]
 
 
 def test_restitution_and_penetration():

@@ -51,3 +51,4 @@ def test_demo_runs_end_to_end_and_reports_every_system(tmp_path):
   assert plots and all(Image.open(p).size[0] > 100 for p in plots)
   lines = [json.loads(l) for l in (tmp_path / "afd" / "metrics.jsonl").read_text().splitlines()]
   assert "eval/physics_error" in lines[0] and "disc/accuracy" in lines[0]
+  assert 0.0 <= lines[0]["probe/gravity_word"] <= 1.0 and "probe/dimmed" in lines[0]

@@ -60,6 +60,22 @@ def test_disc_losses_paired_and_unpaired():
                              rtol=1e-6)
 
 
+def test_mismatch_partner_is_the_nearest_other_prompt_same_draw():
+  """Prompts 0 and 2 share most of their text, prompt 1 is nearer to 2 than to 0; padding rows
+  (zeros) do not matter; with K = 2 draws per prompt each row meets the same draw of its
+  partner, never a row of its own prompt."""
+  words = np.eye(4, dtype=np.float32)
+  prompts = np.stack([
+      [words[0], words[1], words[2], 0 * words[0]],
+      [words[3], words[3], words[2], 0 * words[0]],
+      [words[0], words[1], words[3], 0 * words[0]]])          # [P=3, L=4, D=4]
+  np.testing.assert_array_equal(L.mismatch_partners(jnp.asarray(prompts)), [2, 2, 0])
+  rows = jnp.asarray(np.repeat(prompts, 2, axis=0))          # prompt-major, K = 2
+  np.testing.assert_array_equal(L.mismatch_partners(rows, 2), [4, 5, 4, 5, 0, 1])
+  with pytest.raises(ValueError, match="2 prompts"):
+    L.mismatch_partners(rows[:2], 2)
+
+
 @pytest.mark.parametrize("mode,expected", [
     ("all", [-5, -1, 0.5, 5]), ("positive_only", [0, 0, 0.5, 5]),
     ("negative_only", [-5, -1, 0, 0]), ("one_only", [0, 0, 1, 1]), ("binary", [-1, -1, 1, 1])])

@@ -64,6 +64,35 @@ def test_disc_training_separates_teacher_from_student(tiny_model, batch):
   assert float(out["metrics"]["disc/accuracy"]) == 1.0
 
 
+def test_mismatch_term_ranks_each_teacher_video_above_the_other_prompts_under_its_prompt(
+    tiny_model, batch):
+  """``mismatch_weight`` w adds ``w * BT(D(x_T, c), D(x_T', c))``, ``x_T'`` the teacher video of
+  the nearest other prompt noised like its pair; the pair's own logits and loss are unchanged."""
+  import dataclasses
+  from afd_jax import flow, losses
+  teacher, student_x, context = batch
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((0, 1), 96)), seed=4)
+  graphdef, params = nnx.split(disc)
+  cfg = dataclasses.replace(CFG, mismatch_weight=0.5)
+  key = jax.random.key(3)
+  plain, out = (jax.jit(steps.make_disc_step(graphdef, None, c, update=False))(
+      params, teacher, student_x, context, key) for c in (CFG, cfg))
+  np.testing.assert_allclose(out["teacher_logits"], plain["teacher_logits"], rtol=1e-5)
+  np.testing.assert_allclose(out["student_logits"], plain["student_logits"], rtol=1e-5)
+  m = out["metrics"]
+  np.testing.assert_allclose(m["disc/bt_loss"], plain["metrics"]["disc/bt_loss"], rtol=1e-5)
+  # The mismatched logits by hand: batch row 1's teacher video under row 0's prompt, and back.
+  k_tau, k_eps, _ = jax.random.split(key, 3)
+  tau = jax.random.uniform(k_tau, (2,), minval=CFG.disc_tau_min, maxval=CFG.disc_tau_max)
+  eps = jax.random.normal(k_eps, teacher.shape, teacher.dtype)
+  swapped = nnx.merge(graphdef, params)(flow.add_noise(teacher[::-1], eps, tau),
+                                        tau * flow.NUM_TRAIN_TIMESTEPS, context)
+  expected = losses.bt_loss(out["teacher_logits"], swapped)
+  np.testing.assert_allclose(m["disc/mismatch_loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(m["disc/loss"], m["disc/bt_loss"] + 0.5 * expected, rtol=1e-5)
+  assert float(m["disc/mismatch_accuracy"]) in (0.0, 0.5, 1.0)
+
+
 def test_advantage_from_logits():
   r, adv, m = steps.advantage(jnp.zeros(4), jnp.array([-2.0, -1.0, 1.0, 2.0]), CFG)
   assert np.all(np.diff(np.asarray(r)) > 0) and abs(float(jnp.mean(r)) - 0.5) < 1e-6
@@ -115,15 +144,16 @@ def test_bad_method_configs_are_refused():
 
 def test_micro_batches_accumulate_the_full_batch_gradient(tiny_model, batch):
   """``micro_batches=2`` (one video each) gives the full batch's update, logits and losses: the
-  noise is drawn for the whole batch first, the gradients are averaged (SGD shows them raw). The
-  flow-matching step shares ``steps.accumulate``."""
+  noise and the mismatched teacher videos are drawn for the whole batch first, the gradients
+  are averaged (SGD shows them raw). The flow-matching step shares ``steps.accumulate``."""
   import dataclasses
   import optax
 
   teacher, x0, context = batch
   tx = optax.sgd(1.0)
   key = jax.random.key(7)
-  cfgs = [dataclasses.replace(CFG, r1_weight=0.1, r2_weight=0.1, micro_batches=m) for m in (1, 2)]
+  cfgs = [dataclasses.replace(CFG, r1_weight=0.1, r2_weight=0.1, mismatch_weight=0.5,
+                              micro_batches=m) for m in (1, 2)]
 
   disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((0, 1), 96)), seed=4)
   dgraph, dparams = nnx.split(disc)

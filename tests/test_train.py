@@ -92,11 +92,23 @@ def test_a_zero_discriminator_lr_is_an_ablation_not_an_error():
   methods.validate(small_config(**{"optim.disc.lr": 0.0}))
 
 
-def test_group_size_needs_rollouts_and_the_oracle_needs_the_physics_teacher():
+def test_group_size_needs_rollouts_and_the_oracle_a_physics_teacher_and_score():
   with pytest.raises(ValueError, match="group_size=2: 'sft' trains on teacher videos"):
     methods.validate(small_config(method="sft", **{"afd.group_size": 2}))
   with pytest.raises(ValueError, match="afd_oracle.*physics"):
     methods.validate(small_config(method="afd_oracle"))
+  with pytest.raises(ValueError, match="oracle_score='gravity'.*accel_error"):
+    methods.validate(small_config(**{"afd.oracle_score": "gravity"}))
+
+
+def test_mismatched_prompts_need_a_discriminator_and_two_prompts():
+  methods.validate(small_config(**{"disc.mismatch_weight": 0.5}))
+  with pytest.raises(ValueError, match="'sft' trains no discriminator"):
+    methods.validate(small_config(method="sft", **{"disc.mismatch_weight": 0.5}))
+  with pytest.raises(ValueError, match="batch_size=1 must be >= 2"):
+    methods.validate(small_config(**{"disc.mismatch_weight": 0.5, "data.batch_size": 1}))
+  with pytest.raises(ValueError, match="mismatch_weight=-1.0 must be >= 0"):
+    methods.validate(small_config(**{"disc.mismatch_weight": -1.0}))
 
 
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
@@ -119,10 +131,11 @@ def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   assert np.isfinite(summary["nft/loss"]) and "eval/property_gap" in summary
 
 
-def test_oracle_advantage_is_the_normalised_negated_physics_error(tmp_path):
+@pytest.mark.parametrize("score", ["physics_error", "accel_error"])
+def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, score):
   """``afd_oracle`` scores every rollout with the evaluator (no discriminator in the state), and
-  the NFT step receives exactly the advantage of those scores; its rank correlation with the
-  physics score is 1."""
+  the NFT step receives exactly the advantage of the chosen score (``afd.oracle_score``: the
+  physics error or one of its terms); its rank correlation with that score is 1."""
   import dataclasses
   from afd_jax import losses
   from configs import demo
@@ -130,14 +143,16 @@ def test_oracle_advantage_is_the_normalised_negated_physics_error(tmp_path):
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
       "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
-      "train.num_steps": 1, "train.checkpoint_every": 0})
+      "train.num_steps": 1, "train.checkpoint_every": 0, "afd.oracle_score": score})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)
   assert "disc" not in trainer.state and {"old", "ref"} <= set(trainer.state)
   seen, measure, student = {}, trainer.rollout_physics, trainer.fns.student
 
-  def physics_spy(latents, ids):
-    seen["physics"] = measure(latents, ids)
+  def physics_spy(latents, ids):  # measured, then made distinct per term and per rollout
+    rng = np.random.default_rng(0)
+    seen["physics"] = {k: rng.permutation(len(v)) * 0.1 + 0.05
+                       for k, v in measure(latents, ids).items()}
     return seen["physics"]
 
   def student_spy(student_state, old, ref, x0, context, r, *rest):
@@ -149,13 +164,13 @@ def test_oracle_advantage_is_the_normalised_negated_physics_error(tmp_path):
   with jax.set_mesh(trainer.mesh):
     metrics = trainer._iteration(0, trainer._host_batch(0))
   metrics.update(trainer._pop_diagnostics())
-  errors = seen["physics"]["physics_error"]
+  errors = seen["physics"][score]
   expected = losses.optimality_probability(np.clip(
       (-errors - np.mean(-errors)) / (np.std(errors) + 1e-4), -5, 5), 5.0)
   np.testing.assert_allclose(seen["r"], expected, rtol=1e-5)
-  assert metrics["oracle/physics_error"] == pytest.approx(np.mean(errors))
-  if np.ptp(errors) > 0:
-    assert metrics["diag/spearman_physics_error"] == pytest.approx(1.0)
+  assert metrics[f"oracle/{score}"] == pytest.approx(np.mean(errors))
+  assert metrics["oracle/physics_error"] == pytest.approx(np.mean(seen["physics"]["physics_error"]))
+  assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("method,keys,state", [

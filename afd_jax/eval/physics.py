@@ -39,6 +39,10 @@ acceleration over the prompt's (clipped to [0, 2], averaged over balls and over 
 it could be measured; NaN where no ball flew three frames). ``accel_error`` counts jitter and a
 wrong value alike; ``gravity_ratio`` near 1 says the value is right, whatever the jitter.
 
+Across videos, ``gravity_slope`` reads whether the gravity follows the prompt's word: the
+least-squares slope of the measured vertical acceleration on the asked one (weak / normal /
+strong), 1 when it does, 0 when every video falls alike whatever the word.
+
 Teacher renders score about 0.02 (tracking noise); gravity scaled by 0.3 to 0.5 about 0.6, a
 frozen video about 1, shuffled frames about 1.7, noise 5.
 """
@@ -220,6 +224,17 @@ def evaluate(videos, prompts: Sequence[str], world: PhysicsWorld = PhysicsWorld(
     raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts.")
   rows = [video_physics(v, p, world, chunk_frames) for v, p in zip(videos, prompts)]
   return rows, mean_rows(rows)
+
+
+def gravity_slope(rows: Sequence[dict[str, float]], prompts: Sequence[str]) -> float:
+  """Slope of the shown acceleration (``gravity_ratio * g``) on the prompt's ``g`` over the videos
+  where it was measured; NaN unless they ask for at least two gravities."""
+  g = np.array([tracking.as_scene(p).g for p in prompts])
+  ratio = np.array([r["gravity_ratio"] for r in rows], np.float64)
+  seen = np.isfinite(ratio)
+  if len(np.unique(g[seen])) < 2:
+    return float("nan")
+  return float(np.polyfit(g[seen], ratio[seen] * g[seen], 1)[0])
 
 
 def mean_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:

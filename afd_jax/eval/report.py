@@ -23,7 +23,8 @@ from afd_jax.teachers.physics import PhysicsWorld
 # Every metric ``evaluate`` returns, in table order, with the direction that is better.
 BETTER = {
     "physics_error": "lower", "frechet_distance": "lower",
-    "accel_error": "lower", "gravity_ratio": "one", "accel_x_error": "lower",
+    "accel_error": "lower", "gravity_ratio": "one", "gravity_slope": "one",
+    "accel_x_error": "lower",
     "bounce_error": "lower",
     "penetration": "lower", "chunk_jump": "lower",
     "count_error": "lower", "visibility": "higher", "color_error": "lower",
@@ -49,6 +50,7 @@ def evaluate(videos, prompts: Sequence[str], *, reference=None,
     raise errors.UserError(f"{len(videos)} videos but {len(prompts)} prompts.")
   rows = [_video_metrics(v, p, world, chunk_frames) for v, p in zip(videos, prompts)]
   out = physics.mean_rows(rows)
+  out["gravity_slope"] = physics.gravity_slope(rows, prompts)
   if reference is not None:
     reference = tracking.check_videos(reference)
     out["frechet_distance"] = frechet.video_frechet(videos, reference)

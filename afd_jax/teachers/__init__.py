@@ -54,6 +54,7 @@ class TeacherData:
   encoder: encoders_lib.LatentEncoder | None = None
   reference: Callable[[np.ndarray, int], np.ndarray] | None = None
   physics_world: Any = None                         # set for the physics teacher
+  embed: Callable[[Sequence[str]], np.ndarray] | None = None  # any prompts' contexts (tiny text)
 
 
 def _expect_latent_shape(config, shape) -> tuple[int, int, int, int]:
@@ -169,7 +170,8 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
   pool = data_lib.PromptPool(embeddings, prompts, num_eval=d.num_eval_prompts)
   source = data_lib.EncodedTeacher(teacher, prompts, encoder, d.teacher_samples, config.seed)
   reference = lambda ids, seed: np.asarray(true_teacher([prompts[i] for i in ids], seed))
-  return TeacherData(pool, source, shape, encoder, reference, world)
+  return TeacherData(pool, source, shape, encoder, reference, world,
+                     None if d.text_encoder == "umt5" else text)
 
 
 class _StoreSource:

@@ -63,7 +63,8 @@ HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", 
 GAINS = ("physics_error", "accel_error", "accel_x_error", "bounce_error", "penetration",
          "chunk_jump", "frechet_distance", "dynamic_degree")
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
-               "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac")
+               "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac",
+               "probe/gravity_word", "probe/color_word", "probe/half_gravity")
 
 
 def config(seed: int, name: str, steps: int):
