@@ -56,10 +56,13 @@ def probe(logits: Callable[[np.ndarray, Sequence[str]], np.ndarray], prompts: Se
   row of two calls, so they differ only in what the probe changed)."""
   prompts = list(prompts)
   truth = np.stack([world.render(p, seed) for p in prompts])
+  scored = {}   # the true videos' logits per row layout: probes with one layout share them
 
   def preferred(rows: list[int], others: np.ndarray) -> float:
     under = [prompts[i] for i in rows]
-    mine = np.asarray(logits(truth[rows], under), np.float64)
+    if tuple(rows) not in scored:
+      scored[tuple(rows)] = np.asarray(logits(truth[rows], under), np.float64)
+    mine = scored[tuple(rows)]
     theirs = np.asarray(logits(others, under), np.float64)
     return float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
 
