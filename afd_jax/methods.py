@@ -128,6 +128,21 @@ def validate(config: ml_collections.ConfigDict):
   elif config.disc.mismatch_weight > 0 and d.batch_size < 2:
     problems.append("config.disc.mismatch_weight > 0 pairs each prompt with another prompt of "
                     f"the batch; config.data.batch_size={d.batch_size} must be >= 2")
+  dropout, guidance = config.pretrain.text_dropout, config.dmd.guidance_scale
+  if not 0.0 <= dropout < 1.0:
+    problems.append(f"config.pretrain.text_dropout={dropout} must lie in [0, 1)")
+  elif dropout and config.method not in ("pretrain", "sft"):
+    problems.append(f"config.pretrain.text_dropout={dropout}: only flow-matching methods "
+                    f"(pretrain, sft) drop prompts, not {config.method!r}; use 0")
+  if not (math.isfinite(guidance) and guidance > 0):
+    problems.append(f"config.dmd.guidance_scale={guidance!r} must be a positive number (1: none)")
+  elif guidance != 1.0 and config.method != "dmd":
+    problems.append(f"config.dmd.guidance_scale={guidance}: only method 'dmd' guides a score "
+                    f"model, not {config.method!r}; use 1")
+  if (dropout or guidance != 1.0) and d.text_encoder != "tiny":
+    problems.append("config.pretrain.text_dropout and config.dmd.guidance_scale take the empty "
+                    "prompt as a zero context, which is the tiny text encoder's; umT5's empty "
+                    "prompt is not zero, so use 0 and 1 with umT5 contexts")
   if config.afd.oracle_score not in ORACLE_SCORES:
     problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
                     f"{ORACLE_SCORES} (the physics score or one of its terms)")
@@ -167,7 +182,8 @@ def afd_config(config) -> steps.AFDConfig:
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
       micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,
       mismatch_weight=config.disc.mismatch_weight,
-      dmd_sigma=tuple(config.dmd.sigma_range))
+      dmd_sigma=tuple(config.dmd.sigma_range), dmd_guidance=config.dmd.guidance_scale,
+      text_dropout=config.pretrain.text_dropout)
 
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:

@@ -57,6 +57,8 @@ class AFDConfig:
   mismatch_weight: float = 0.0     # > 0: also rank each teacher video above the nearest other
                                    # prompt's, under its own prompt (matching-aware)
   dmd_sigma: tuple[float, float] = (0.02, 0.98)  # DMD: noise levels of the score comparison
+  dmd_guidance: float = 1.0        # DMD: the real score's classifier-free guidance; 1 = none
+  text_dropout: float = 0.0        # pretrain/sft: fraction of videos trained on the empty prompt
 
   def __post_init__(self):
     if self.nft_levels not in ("rollout", "continuous"):
@@ -76,6 +78,9 @@ class AFDConfig:
       raise errors.UserError(f"mismatch_weight must be >= 0, got {self.mismatch_weight}.")
     if self.micro_batches < 1:
       raise errors.UserError(f"micro_batches={self.micro_batches} must be >= 1.")
+    if not 0.0 <= self.text_dropout < 1.0 or not self.dmd_guidance > 0.0:
+      raise errors.UserError(f"text_dropout ({self.text_dropout}) must lie in [0, 1) and "
+                             f"dmd_guidance ({self.dmd_guidance}) must be positive.")
     if self.nft_levels == "rollout" and self.nft_passes > len(self.rollout_timesteps):
       raise errors.UserError(f"nft_passes={self.nft_passes} exceeds the {len(self.rollout_timesteps)} "
                        "rollout levels; lower it or use nft_levels='continuous'.")
@@ -419,7 +424,10 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   student from a score model (here: a plain flow-matching base, ``real_params``). The student's exit-step
   output (:func:`exit_estimate`) is noised to a random level; the real and fake (critic) scores'
   clean estimates there give the gradient ``(x_fake - x_real) / mean|x - x_real|`` of the reverse
-  KL, applied as ``0.5 (x - sg(x - grad))^2``. Scores see the student's clean video as history."""
+  KL, applied as ``0.5 (x - sg(x - grad))^2``. Scores see the student's clean video as history.
+  With ``dmd_guidance`` g != 1 the real score is classifier-free guided, as Self-Forcing's is
+  (g = 3): ``x_u + g (x_c - x_u)``, ``x_u`` under the empty prompt (zero context), which the score
+  model must have learnt (``text_dropout`` when it was pretrained); the fake score is unguided."""
   f = cfg.chunk_frames
 
   def estimate(params, x_t, sigma, clean, context):
@@ -437,6 +445,9 @@ def make_dmd_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     sample = jax.lax.stop_gradient(x0)
     x_t = flow.add_noise(sample, eps, sigma)
     real = estimate(real_params, x_t, sigma, sample, context)
+    if cfg.dmd_guidance != 1.0:
+      unconditional = estimate(real_params, x_t, sigma, sample, jnp.zeros_like(context))
+      real = unconditional + cfg.dmd_guidance * (real - unconditional)
     fake = estimate(fake_params, x_t, sigma, sample, context)
     scale = jnp.maximum(jnp.mean(jnp.abs(sample - real), axis=(1, 2, 3, 4), keepdims=True), 1e-6)
     grad = (fake - real) / scale
@@ -469,7 +480,9 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   clean videos (teacher videos for ``sft``, data for ``pretrain``). Each chunk is noised at its own
   level and sees the clean video as history (the cached teacher-forcing layout). ``critic``:
   the DMD fake score on the student's samples, at the levels the DMD loss compares scores
-  (``dmd_sigma``), its metrics under ``critic/``."""
+  (``dmd_sigma``), its metrics under ``critic/``. ``text_dropout``: that fraction of the videos
+  (a fresh draw each step) is trained under the empty prompt (zero context), as text-to-video
+  models are, so the model also learns the unconditional score classifier-free guidance needs."""
   f = cfg.chunk_frames
 
   def loss_fn(p, micro, frozen):
@@ -490,6 +503,9 @@ def make_fm_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     else:
       sig = noise_levels(cfg, k_lvl, *x0.shape[:2], 1)[0]                  # [B, F]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    if cfg.text_dropout and not critic:  # its own key: runs without dropout keep their draws
+      dropped = jax.random.bernoulli(jax.random.fold_in(key, 1), cfg.text_dropout, x0.shape[:1])
+      context = jnp.where(dropped[:, None, None], 0.0, context).astype(context.dtype)
     grads, loss = accumulate(jax.value_and_grad(lambda p, m: loss_fn(p, m, frozen)),
                              student["params"],
                              (x0, context, sig, eps), cfg.micro_batches)

@@ -108,6 +108,10 @@ def get_config():
   c.dmd = ml_collections.ConfigDict()  # distribution matching (method=dmd: distilling a base)
   c.dmd.critic_ratio = 5               # critic updates per student update (Self-Forcing: 5)
   c.dmd.sigma_range = (0.02, 0.98)     # noise levels (before the rollout shift) scores compare at
+  c.dmd.guidance_scale = 1.0           # the real score's classifier-free guidance (Self-Forcing: 3)
+
+  c.pretrain = ml_collections.ConfigDict()  # flow matching on videos (method=pretrain, sft)
+  c.pretrain.text_dropout = 0.0        # fraction of videos trained on the empty prompt (for CFG)
 
   c.optim = ml_collections.ConfigDict()
   for name, lr in (("student", 3e-4), ("disc", 1e-3), ("critic", 3e-4)):

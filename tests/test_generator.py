@@ -107,3 +107,19 @@ def test_dmd_gradient_vanishes_when_the_critic_equals_the_real_score(rollout_bat
   other = jax.tree.map(lambda x: x * 1.01, params)
   _, apart = step(student, other, params, inputs, clean, context, exit_step, jax.random.key(0), 0)
   assert float(apart["student/grad_norm"]) > 0.0 and float(apart["dmd/gradient"]) > 0.0
+
+
+def test_dmd_guidance_pulls_toward_the_conditional_score_only_where_the_prompt_matters(
+    rollout_batch):
+  """With the critic equal to the real score, only guidance leaves a gradient: the guided real
+  estimate ``u + g (c - u)`` differs from the critic's ``c`` by ``(g - 1)(c - u)``, which is zero
+  under the empty prompt."""
+  graphdef, params, clean, inputs, context, exit_step, _ = rollout_batch
+  tx = optax.sgd(1.0)
+  student = {"params": params, "opt": tx.init(params), "ema": params}
+  guided = jax.jit(steps.make_dmd_step(graphdef, tx, steps.AFDConfig(
+      rollout_timesteps=CFG.rollout_timesteps, dmd_guidance=3.0)))
+  run = lambda ctx: guided(student, params, params, inputs, clean, ctx, exit_step,
+                           jax.random.key(0), 0)[1]
+  assert float(run(context)["student/grad_norm"]) > 0.0
+  assert float(run(jnp.zeros_like(context))["student/grad_norm"]) == 0.0

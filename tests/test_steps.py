@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +186,26 @@ def test_a_nonfinite_update_of_finite_gradients_is_rejected():
     assert int(new_opt.notfinite_count) == rejected
     assert bool(jnp.isfinite(new["w"]).all())
     assert bool((new["w"] == params["w"]).all()) == bool(rejected)
+
+
+def test_fm_step_text_dropout_trains_dropped_videos_on_the_empty_prompt(tiny_model, batch):
+  """A dropped video sees a zero context (the tiny text encoder's empty prompt) and nothing else
+  changes: at a dropout near 1 (both rows dropped under this key) the update is the one on zero
+  contexts; without dropout the step keeps its draws."""
+  teacher, _, context = batch
+  graphdef, params = nnx.split(tiny_model)
+  tx = optax.sgd(1.0)
+  student = {"params": params, "opt": tx.init(params), "ema": params}
+
+  def update(step, ctx):
+    new, metrics = step(student, teacher, ctx, jax.random.key(3), 0)
+    return new["params"], float(metrics["fm/loss"])
+
+  base = steps.AFDConfig(rollout_timesteps=(1000.0, 750.0, 500.0, 250.0), nft_passes=2)
+  plain = jax.jit(steps.make_fm_step(graphdef, tx, base))
+  on_empty, loss_empty = update(plain, jnp.zeros_like(context))
+  kept, loss_kept = update(plain, context)
+  dropped, loss_dropped = update(jax.jit(steps.make_fm_step(
+      graphdef, tx, dataclasses.replace(base, text_dropout=0.999))), context)
+  assert loss_dropped == loss_empty != loss_kept
+  assert _trees_equal(dropped, on_empty) and not _trees_equal(kept, on_empty)

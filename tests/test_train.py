@@ -101,6 +101,24 @@ def test_group_size_needs_rollouts_and_the_oracle_a_physics_teacher_and_score():
     methods.validate(small_config(**{"afd.oracle_score": "gravity"}))
 
 
+def test_text_dropout_and_guidance_need_their_methods_and_the_tiny_text_encoder():
+  methods.validate(small_config(method="pretrain", **{"pretrain.text_dropout": 0.1}))
+  methods.validate(small_config(method="dmd", **{"dmd.guidance_scale": 3.0,
+                                                 "model.checkpoint": str(Path(__file__))}))
+  with pytest.raises(ValueError, match="text_dropout=1.0 must lie in"):
+    methods.validate(small_config(method="pretrain", **{"pretrain.text_dropout": 1.0}))
+  with pytest.raises(ValueError, match="text_dropout=0.1: only flow-matching methods"):
+    methods.validate(small_config(**{"pretrain.text_dropout": 0.1}))
+  with pytest.raises(ValueError, match="guidance_scale=3.0: only method 'dmd'"):
+    methods.validate(small_config(**{"dmd.guidance_scale": 3.0}))
+  with pytest.raises(ValueError, match="guidance_scale=0.0 must be a positive number"):
+    methods.validate(small_config(**{"dmd.guidance_scale": 0.0}))
+  with pytest.raises(ValueError, match="umT5's empty prompt is not zero"):
+    methods.validate(small_config(method="pretrain", **{
+        "pretrain.text_dropout": 0.1, "data.text_encoder": "umt5",
+        "data.t5": str(Path(__file__)), "data.tokenizer": str(Path(__file__).parent)}))
+
+
 def test_mismatched_prompts_need_a_discriminator_and_two_prompts():
   methods.validate(small_config(**{"disc.mismatch_weight": 0.5}))
   with pytest.raises(ValueError, match="'sft' trains no discriminator"):
