@@ -245,8 +245,8 @@ class Suite:
     c.mesh.data, c.mesh.fsdp = 1, -1
     if lora:
       c.model.lora_rank = c.disc.lora_rank = s.lora_rank
-    if self.smoke:
-      c.disc.readout_layers = (1,)
+    if self.smoke:   # the fewest layers and NFT passes that still run every part of the step
+      c.model.overrides.num_layers, c.disc.readout_layers, c.afd.nft_passes = 1, (0,), 1
     return c
 
   def afd_iteration(self, lora: bool = False):

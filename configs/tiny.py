@@ -149,6 +149,7 @@ def get_config():
   c.physics.fps = 8.0
   c.physics.radius = 0.1
   c.physics.max_balls = 3                  # prompts with 1..max_balls balls
+  c.physics.gravity_words = ("weak", "normal", "strong")  # the gravities prompts may ask for
   c.physics.gravity_range = (1.0, 1.0)     # per-video scale of the prompt's gravity; (1, 1): true
   c.physics.restitution_range = (1.0, 1.0)
 

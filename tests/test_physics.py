@@ -24,6 +24,23 @@ def test_grammar_round_trip_and_errors():
       P.parse_prompt(bad)
 
 
+def test_prompts_can_fix_gravity_as_a_law_of_the_world():
+  """``gravities`` restricts the word; the default draws exactly the prompts it always drew."""
+  lawful = P.sample_prompts(84, seed=0, max_balls=1, gravities=("normal",))
+  assert len(set(lawful)) == 84 == 7 * 4 * 3   # every one-ball scene under normal gravity
+  assert all(P.parse_prompt(p).gravity == "normal" for p in lawful)
+  assert P.sample_prompts(3, seed=2) == [   # as drawn before the option existed
+      "one cyan ball dropped, weak gravity, very bouncy",
+      "one magenta ball thrown left, normal gravity, very bouncy",
+      "three blue, magenta and yellow balls thrown up, weak gravity, soft"]
+  assert {P.parse_prompt(p).gravity for p in P.sample_prompts(30, seed=2)} == set(P.GRAVITY)
+  for bad in ((), ("sideways",), ("weak", "weak")):
+    with pytest.raises(ValueError, match="gravity words"):
+      P.sample_prompts(4, gravities=bad)
+  with pytest.raises(ValueError, match="the grammar has 84"):
+    P.sample_prompts(85, max_balls=1, gravities=("normal",))
+
+
 def test_rendering_is_deterministic_per_prompt_and_seed():
   teacher = P.PhysicsTeacher(P.PhysicsWorld(num_frames=6))
   prompts = P.sample_prompts(3, seed=0)

@@ -145,7 +145,8 @@ def from_config(config, student_cfg, workdir=None) -> TeacherData:
     teacher = physics.PhysicsTeacher(world)
     true_teacher = physics.PhysicsTeacher(physics_world(config, true_world=True))
     prompts = physics.sample_prompts(d.num_prompts + d.num_eval_prompts, seed=d.prompt_seed,
-                                     max_balls=config.physics.max_balls)
+                                     max_balls=config.physics.max_balls,
+                                     gravities=config.physics.gravity_words)
     video_shape = teacher.video_shape
   else:
     from afd_jax.teachers import online

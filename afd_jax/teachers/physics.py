@@ -87,22 +87,27 @@ def parse_prompt(prompt: str) -> Scene:
   return Scene(colors, m.group("direction"), m.group("gravity"), m.group("bounce"))
 
 
-def sample_prompts(n: int, seed: int = 0, max_balls: int = 3) -> list[str]:
-  """``n`` distinct prompts drawn from the grammar (with at most ``max_balls`` balls),
-  reproducibly."""
+def sample_prompts(n: int, seed: int = 0, max_balls: int = 3,
+                   gravities: Sequence[str] = tuple(GRAVITY)) -> list[str]:
+  """``n`` distinct prompts drawn from the grammar (with at most ``max_balls`` balls, and only the
+  ``gravities`` words), reproducibly."""
   rng = np.random.default_rng([seed, 31])
   names = sorted(COLORS)
+  gravities = list(gravities)
+  if not gravities or not set(gravities) <= set(GRAVITY) or len(set(gravities)) < len(gravities):
+    raise errors.UserError(f"gravity words {gravities} must be distinct words of {list(GRAVITY)}.")
   combos = sum(math.comb(len(names), k) for k in range(1, max_balls + 1)) * len(DIRECTIONS) \
-      * len(GRAVITY) * len(BOUNCINESS)
+      * len(gravities) * len(BOUNCINESS)
   if not 1 <= max_balls <= 3 or n > combos:
-    raise errors.UserError(f"{n} distinct prompts with 1..{max_balls} balls requested; the grammar has "
-                     f"{combos} (max_balls must be 1, 2 or 3).")
+    raise errors.UserError(f"{n} distinct prompts with 1..{max_balls} balls and gravity "
+                           f"{gravities} requested; the grammar has {combos} (max_balls must be "
+                           "1, 2 or 3).")
   out, seen = [], set()
   while len(out) < n:
     k = int(rng.integers(1, max_balls + 1))
     scene = Scene(tuple(rng.choice(names, k, replace=False)),
                   list(DIRECTIONS)[rng.integers(len(DIRECTIONS))],
-                  list(GRAVITY)[rng.integers(len(GRAVITY))],
+                  gravities[rng.integers(len(gravities))],
                   list(BOUNCINESS)[rng.integers(len(BOUNCINESS))])
     if scene.prompt() not in seen:
       seen.add(scene.prompt())

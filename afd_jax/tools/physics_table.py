@@ -33,13 +33,6 @@ from absl import flags, logging
 from afd_jax import errors
 from afd_jax import experiment
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/physics_table", "Where the runs go.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (at least 5).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Iterations per method (0: the demo's).")
-_OUT = flags.DEFINE_string("out", "docs/results/physics.md", "The results page to write.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these systems (the page, which needs afd, sft and "
-                          "gan, names the rows left out).")
-
 GROUP = 4              # AFD's rollouts per prompt in the K > 1 row
 DISC_LR = {"0": 0.0, "low": 3e-6, "high": 3e-4}   # around the demo's 3e-5
 
@@ -60,8 +53,8 @@ SYSTEMS = {
 BASELINES = ("sft", "gan")
 HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", "dynamic_degree",
             "speed_ratio", "sharpness_ratio", "visibility")
-GAINS = ("physics_error", "accel_error", "accel_x_error", "bounce_error", "penetration",
-         "chunk_jump", "frechet_distance", "dynamic_degree")
+GAINS = ("physics_error", "accel_error", "gravity_ratio", "accel_x_error", "bounce_error",
+         "penetration", "chunk_jump", "frechet_distance", "dynamic_degree")
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
                "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac",
                "probe/gravity_word", "probe/color_word", "probe/half_gravity")
@@ -84,19 +77,27 @@ def config(seed: int, name: str, steps: int):
   return c
 
 
-def run_all(workdir: Path, seeds, names, steps) -> tuple[dict, dict]:
-  """``({system: {metric: [value per seed]}}, {system: {diagnostic: [mean per seed]}})``."""
-  results, diagnostics = {}, {}
+def run_all(workdir: Path, seeds, names, steps) -> tuple[dict, dict, float]:
+  """``({system: {metric: [value per seed]}}, {system: {diagnostic: [mean per seed]}},
+  seconds)``; ``seconds`` sums each run's own wall time (kept beside its report), so a table
+  finished over several invocations reports the time of all its runs."""
+  results, diagnostics, seconds = {}, {}, 0.0
   for seed in seeds:
     for i, name in enumerate(names):
       out = workdir / f"seed_{seed}" / name
+      timing = out / "run_seconds.txt"
       if not (out / "report.json").exists():
         t0 = time.perf_counter()
         c = config(seed, name, steps)
         if i:  # teacher and base are the same for every system of a seed: score them once
           c.experiment.systems = (name,)
         experiment.run(c, out)
-        logging.warning("seed %d %s: %.0fs", seed, name, time.perf_counter() - t0)
+        timing.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        logging.warning("seed %d %s: %ss", seed, name, timing.read_text().strip())
+      if not timing.exists():
+        raise errors.UserError(f"{out} has a report but no run_seconds.txt; write its training "
+                               "time there (seconds) or delete the run to redo it.")
+      seconds += float(timing.read_text())
       for system, metrics in json.loads((out / "report.json").read_text()).items():
         for k, v in metrics.items():
           results.setdefault(system, {}).setdefault(k, []).append(v)
@@ -106,7 +107,7 @@ def run_all(workdir: Path, seeds, names, steps) -> tuple[dict, dict]:
         values = [r[key] for r in records if key in r and np.isfinite(r[key])]
         if values:
           diagnostics.setdefault(name, {}).setdefault(key, []).append(float(np.mean(values)))
-  return results, diagnostics
+  return results, diagnostics, seconds
 
 
 def _fmt(values, digits: int = 3) -> str:
@@ -117,6 +118,8 @@ def _paired(results, name: str, metric: str) -> np.ndarray:
   """Per-seed gain of ``name`` over the base (positive: better), same evaluation noise."""
   from afd_jax.eval.report import BETTER
   base, own = np.asarray(results["base"][metric]), np.asarray(results[name][metric])
+  if BETTER.get(metric) == "one":   # a ratio to the teacher's: closer to 1 is better
+    return np.abs(base - 1.0) - np.abs(own - 1.0)
   sign = -1.0 if BETTER.get(metric) == "lower" else 1.0
   return sign * (own - base)
 
@@ -167,10 +170,21 @@ def claims(results) -> list[str]:
   return out
 
 
-def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, command: str):
+def world_sentence(gravity_words) -> str:
+  """What the prompts ask of gravity, for the page's opening."""
+  words = list(gravity_words)
+  if len(words) == 1:
+    return (f"Gravity is a law of this world: every prompt says \"{words[0]} gravity\" "
+            "(`physics.gravity_words`). ")
+  return f"Prompts ask for {', '.join(words)} gravity (`physics.gravity_words`). "
+
+
+def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, command: str,
+               world: str = ""):
   from afd_jax.eval.report import BETTER
   names = [s for s in ("teacher", "base", *SYSTEMS) if s in results]
-  metrics = [k for k in BETTER if any(k in results[s] for s in names)]
+  metrics = [k for k in BETTER   # measured somewhere (gravity_slope needs two gravity words)
+             if any(np.isfinite(results[s].get(k, [np.nan])).any() for s in names)]
   head = [k for k in HEADLINE if k in metrics]
   table = lambda keys: [f"| system | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"] + [
       f"| {s} | {' | '.join(_fmt(results[s][k]) if k in results[s] else '-' for k in keys)} |"
@@ -190,7 +204,7 @@ def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, co
       "student distilled, as Self-Forcing is, from a flow-matching model of a world whose gravity "
       "and bounciness are randomly wrong) and is trained against the physics teacher for the "
       "same number of iterations on the same prompts, so each method sees the same teacher "
-      "videos. Scores are on held-out prompts, measured without any discriminator "
+      f"videos. {world}Scores are on held-out prompts, measured without any discriminator "
       f"(`afd_jax/eval`); mean ± std over seeds {', '.join(map(str, seeds))}; for `teacher` and "
       "`base` the spread comes from each seed's evaluation noise and teacher samples.",
       "",
@@ -198,8 +212,8 @@ def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, co
       command,
       "```",
       "",
-      f"{steps} iterations per method; {len(seeds) * len(trained)} training runs in "
-      f"{seconds / 60:.0f} minutes on this machine ({jax.device_count()} "
+      f"{steps} iterations per method; {len(seeds) * len(trained)} training runs, "
+      f"{seconds / 60:.0f} minutes of their wall time on this machine ({jax.device_count()} "
       f"{jax.default_backend()} device(s)). DMD, the paper's third baseline, is not a row: it "
       "needs the teacher's score function, which a black-box teacher does not give.",
       "",
@@ -241,29 +255,42 @@ def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, co
   out.write_text("\n".join(page))
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a program, so that tests can import this
+  module beside other tools that define flags of the same names."""
+  flags.DEFINE_string("workdir", "runs/physics_table", "Where the runs go.")
+  flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (at least 5).")
+  flags.DEFINE_integer("steps", 0, "Iterations per method (0: the demo's).")
+  flags.DEFINE_string("out", "docs/results/physics.md", "The results page to write.")
+  flags.DEFINE_list("only", [], "Run only these systems (the page, which needs afd, sft and gan, "
+                    "names the rows left out).")
+
+
 def main(argv):
   del argv
-  jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value).absolute() / "jit_cache"))
+  f = flags.FLAGS
+  jax.config.update("jax_compilation_cache_dir", str(Path(f.workdir).absolute() / "jit_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  seeds = [int(s) for s in _SEEDS.value]
-  names = _ONLY.value or list(SYSTEMS)
+  seeds = [int(s) for s in f.seeds]
+  names = f.only or list(SYSTEMS)
   unknown = sorted(set(names) - set(SYSTEMS))
   if unknown:
     raise errors.UserError(f"--only names unknown systems {unknown}; known: {list(SYSTEMS)}.")
-  t0 = time.perf_counter()
-  results, diagnostics = run_all(Path(_WORKDIR.value), seeds, names, _STEPS.value)
-  steps = _STEPS.value or config(seeds[0], "afd", 0).train.num_steps
+  results, diagnostics, seconds = run_all(Path(f.workdir), seeds, names, f.steps)
+  demo = config(seeds[0], "afd", 0)
+  steps = f.steps or demo.train.num_steps
   command = "python -m afd_jax.tools.physics_table " + " ".join(sys.argv[1:])
   if len(seeds) < 5 or not {"afd", *BASELINES} <= set(names):
     print(json.dumps({s: {k: float(np.mean(v)) for k, v in m.items()} for s, m in results.items()},
                      indent=1))
     logging.warning("not writing %s: the page needs at least 5 seeds and the systems afd, sft "
-                    "and gan.", _OUT.value)
+                    "and gan.", f.out)
     return
-  write_page(results, diagnostics, seeds, steps, time.perf_counter() - t0, Path(_OUT.value),
-             command)
-  print(Path(_OUT.value).read_text())
+  write_page(results, diagnostics, seeds, steps, seconds, Path(f.out), command,
+             world_sentence(demo.physics.gravity_words))
+  print(Path(f.out).read_text())
 
 
 if __name__ == "__main__":
+  define_flags()
   errors.run(main)
