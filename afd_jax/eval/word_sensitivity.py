@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afd_jax import encoders, teachers
+from afd_jax import encoders, flow, teachers
 from afd_jax.eval import disc_probe
 from afd_jax.models import wan
 from afd_jax.teachers import physics
@@ -35,7 +35,7 @@ def measure(model: wan.WanModel, config, prompts: list[str], timesteps: list[flo
     b = x0.shape[0]
     out = {"features": model.features(x0, jnp.zeros((b,)), context, (last,))[0]}
     for t in timesteps:
-      x_t = (1 - t / 1000) * x0 + t / 1000 * noise
+      x_t = flow.add_noise(x0, noise, flow.timestep_to_sigma(t))
       out[f"t={t:g}"] = model(x_t, jnp.full((b,), t), context, "block_causal", chunk)
     return out
 

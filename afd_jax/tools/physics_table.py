@@ -92,8 +92,9 @@ def run_all(workdir: Path, seeds, names, steps) -> tuple[dict, dict, float]:
         if i:  # teacher and base are the same for every system of a seed: score them once
           c.experiment.systems = (name,)
         experiment.run(c, out)
-        timing.write_text(f"{time.perf_counter() - t0:.1f}\n")
-        logging.warning("seed %d %s: %ss", seed, name, timing.read_text().strip())
+        elapsed = time.perf_counter() - t0
+        timing.write_text(f"{elapsed:.1f}\n")
+        logging.warning("seed %d %s: %.1fs", seed, name, elapsed)
       if not timing.exists():
         raise errors.UserError(f"{out} has a report but no run_seconds.txt; write its training "
                                "time there (seconds) or delete the run to redo it.")
