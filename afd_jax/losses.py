@@ -89,30 +89,30 @@ def finite_difference_penalty(logits, perturbed_logits, sigma: float):
 
 
 def paired_scores(teacher_logits, student_logits, group_size: int = 1):
-  """``s = D(x_S, c) - D(x_T, c)``, one per rollout. With ``group_size`` K > 1 rollouts per prompt
-  both are laid out prompt-major ``[P * K]`` (rollout k paired with the prompt's k-th teacher
-  draw), and every rollout is measured against the mean teacher logit of its prompt: one
-  baseline per prompt, which per-prompt centring then removes exactly."""
+  """``s = D(x_S, c) - D(x_T, c)``, one per rollout (``[B]``, or ``[B, C]`` with one logit per chunk
+  prefix). With ``group_size`` K > 1 rollouts per prompt both are laid out prompt-major
+  ``[P * K]`` (rollout k paired with the prompt's k-th teacher draw), and every rollout is
+  measured against the mean teacher logit of its prompt: one baseline per prompt, which
+  per-prompt centring then removes exactly."""
   if group_size == 1:
     return student_logits - teacher_logits
-  teacher = jnp.mean(teacher_logits.reshape(-1, group_size), axis=1)
+  teacher = jnp.mean(teacher_logits.reshape(-1, group_size, *teacher_logits.shape[1:]), axis=1)
   return student_logits - jnp.repeat(teacher, group_size, axis=0)
 
 
 def normalize_advantages(scores, group_size: int = 1):
   """Batch mean (K = 1) or per-prompt mean (K > 1), divided by the population std of all scores.
+  Per-chunk scores ``[B, C]`` are normalised chunk by chunk, each column as a video's would be.
 
   Matches DiffusionNFT's ``PerPromptStatTracker(global_std=True)``.
   """
   if scores.shape[0] % group_size:
     raise ValueError(f"{scores.shape[0]} scores are not a whole number of groups of {group_size}.")
-  std = jnp.std(scores)
-  if group_size == 1:
-    centred = scores - jnp.mean(scores)
-  else:
-    grouped = scores.reshape(-1, group_size)
-    centred = (grouped - grouped.mean(1, keepdims=True)).reshape(scores.shape)
-  return centred / (std + STD_EPS)
+  std = jnp.std(scores, axis=0)
+  grouped = scores.reshape(-1, group_size, *scores.shape[1:])
+  centred = grouped - (jnp.mean(scores, axis=0) if group_size == 1
+                       else grouped.mean(1, keepdims=True))
+  return centred.reshape(scores.shape) / (std + STD_EPS)
 
 
 def shape_advantages(adv, a_max: float, mode: str = "all"):
@@ -159,7 +159,8 @@ def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, ch
   """DiffusionNFT's policy loss on the student's own noised samples.
 
   ``v_theta`` (with gradient), ``v_old`` (old policy), ``x_t``, ``x0`` (the clean rollout sample):
-  ``[B, F, H, W, C]``; ``sigma``: per frame ``[B, F]`` (constant within a chunk); ``r``: ``[B]``.
+  ``[B, F, H, W, C]``; ``sigma``: per frame ``[B, F]`` (constant within a chunk); ``r``: ``[B]``,
+  or ``[B, F / chunk_frames]`` (one per chunk, from a per-chunk discriminator).
   ``negative_branch=False`` drops the ``(1 - r)`` term: reward-weighted flow matching toward the
   student's own samples (the ablation "positive-only updates"). Returns the scalar loss and parts.
   """
@@ -172,7 +173,7 @@ def nft_loss(v_theta, v_old, x_t, x0, sigma, r, *, beta: float, a_max: float, ch
   w_neg = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(err_neg), -1), WEIGHT_FLOOR))
   loss_pos = jnp.mean(jnp.square(err_pos), -1) / w_pos
   loss_neg = jnp.mean(jnp.square(err_neg), -1) / w_neg
-  r = r[:, None]
+  r = r if r.ndim == 2 else r[:, None]
   per_group = a_max * (r * loss_pos + ((1.0 - r) * loss_neg if negative_branch else 0.0)) / beta
   return jnp.mean(per_group), {"nft/loss": jnp.mean(per_group), "nft/positive": jnp.mean(loss_pos),
                                "nft/negative": jnp.mean(loss_neg)}

@@ -128,6 +128,8 @@ def validate(config: ml_collections.ConfigDict):
   elif config.disc.mismatch_weight > 0 and d.batch_size < 2:
     problems.append("config.disc.mismatch_weight > 0 pairs each prompt with another prompt of "
                     f"the batch; config.data.batch_size={d.batch_size} must be >= 2")
+  if config.disc.per_chunk and config.method not in WITH_DISC:
+    problems.append(f"config.disc.per_chunk: {config.method!r} trains no discriminator; use False")
   dropout, guidance = config.pretrain.text_dropout, config.dmd.guidance_scale
   if not 0.0 <= dropout < 1.0:
     problems.append(f"config.pretrain.text_dropout={dropout} must lie in [0, 1)")

@@ -49,7 +49,9 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
   parameters are created in one jitted program straight into ``shardings`` (as for the student)."""
   cfg = disc_lib.DiscriminatorConfig(readout_layers=tuple(config.disc.readout_layers),
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
-                                     freeze_below=config.disc.freeze_below)
+                                     freeze_below=config.disc.freeze_below,
+                                     chunk_frames=(config.rollout.chunk_frames
+                                                   if config.disc.per_chunk else 0))
   path, seed = config.disc.checkpoint, config.seed + 1
   runtime = model_runtime(config)
   trunk_cfg = wan.load_config(path, **runtime) if path else student.config

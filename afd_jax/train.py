@@ -204,10 +204,11 @@ class Trainer:
   def _pop_diagnostics(self) -> dict:
     """What the scores rewarded since the last log line: Spearman correlations of the advantage
     (GAN: the paired score) with the rollouts' physics score and its terms, over every rollout
-    of the window (scores standardised per step, so the window's pairs pool)."""
+    of the window (scores standardised per step, so the window's pairs pool; a per-chunk
+    discriminator's, averaged over the rollout's chunks)."""
     if not self._diagnostics:
       return {}
-    advantage = np.concatenate([a for a, _ in self._diagnostics])
+    advantage = np.concatenate([a.reshape(len(a), -1).mean(1) for a, _ in self._diagnostics])
     physics = {k: np.concatenate([p[k] for _, p in self._diagnostics])
                for k in self._diagnostics[0][1]}
     self._diagnostics = []
@@ -419,7 +420,8 @@ class Trainer:
 
   def disc_logits(self, videos, prompts) -> np.ndarray:
     """The discriminator's logits of uint8 ``videos`` under ``prompts`` (any text), in batches
-    of the compiled size; its noise augmentation depends only on the row's position."""
+    of the compiled size; its noise augmentation depends only on the row's position. A
+    per-chunk discriminator gives its last chunk's, which judges the whole video."""
     rows, n = methods.rollout_rows(self.config), len(prompts)
     x = np.stack([self.data.encoder.encode(v) for v in videos])
     context = self.data.embed(list(prompts))
@@ -432,7 +434,8 @@ class Trainer:
                                 self.frozen["disc"])
         out.append(np.asarray(multihost_utils.process_allgather(scored["teacher_logits"],
                                                                 tiled=True)))
-    return np.concatenate(out)[:n]
+    logits = np.concatenate(out)[:n]
+    return logits[:, -1] if logits.ndim == 2 else logits
 
   def copy(self, params):
     """A device copy of student parameters with their shardings (safe from donation)."""

@@ -46,6 +46,8 @@ def get_config():
   c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
   c.disc.mismatch_weight = 0.0         # > 0: also rank teacher videos above the nearest other
                                        # prompt's under their own prompt (0: the paper's recipe)
+  c.disc.per_chunk = False             # True: block-causal trunk, one logit per chunk prefix and a
+                                       # per-chunk advantage (afd_method.md 6.6; False: the paper's)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.chunk_frames = 3

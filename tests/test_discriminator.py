@@ -26,6 +26,24 @@ def test_logits_depend_on_video_and_prompt(disc, inputs):
   assert float(jnp.abs(fwd(latents, t, context[::-1]) - logits).max()) > 1e-4
 
 
+def test_a_per_chunk_discriminator_judges_each_prefix_by_itself(tiny_model, inputs):
+  """``chunk_frames=3`` (two chunks here): one logit per chunk, chunk c's computed from frames
+  < 3 (c + 1) alone (equal to the logit of that prefix given as the whole video), so changing
+  the second chunk moves the second logit only."""
+  latents, context = inputs
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((1, 0), 96, chunk_frames=3), seed=1),
+                   seed=3)
+  fwd = jitted(disc)
+  t = jnp.array([0.0, 200.0])
+  logits = fwd(latents, t, context)
+  assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(fwd(latents[:, :3], t, context)[:, 0], logits[:, 0], atol=1e-5)
+  moved = fwd(latents.at[:, 4].add(1.0), t, context) - logits
+  assert float(jnp.abs(moved[:, 0]).max()) == 0.0 and float(jnp.abs(moved[:, 1]).min()) > 1e-4
+  with pytest.raises(ValueError, match="not a multiple of chunk_frames=4"):
+    D.init(tiny_model, D.DiscriminatorConfig((0,), 96, chunk_frames=4))(latents, t, context)
+
+
 def test_features_are_the_trunk_hidden_states(tiny_model, inputs):
   """The last-block feature pushed through the output head reproduces the model's forward."""
   latents, context = inputs

@@ -136,10 +136,12 @@ def test_teacher_physics_near_zero_and_below_every_broken_video(teacher, teacher
   assert scores["frozen"]["accel_error"] > 0.8
   assert scores["noise"]["physics_error"] == 5.0                  # every ball missing: the cap
   # The gravity a video shows: the teacher's, the wrong world's 0.3..0.5, none in noise.
-  assert abs(means["gravity_ratio"] - 1.0) < 0.05, means
-  assert 0.25 < scores["wrong_world"]["gravity_ratio"] < 0.55, scores["wrong_world"]
-  assert np.isnan(scores["noise"]["gravity_ratio"])
-  assert all(np.isfinite(v) for s in scores.values() for k, v in s.items() if k != "gravity_ratio")
+  for ratio in physics.RATIOS:
+    assert abs(means[ratio] - 1.0) < 0.05, means
+    assert 0.25 < scores["wrong_world"][ratio] < 0.55, scores["wrong_world"]
+    assert np.isnan(scores["noise"][ratio])
+  assert all(np.isfinite(v) for s in scores.values() for k, v in s.items()
+             if k not in physics.RATIOS)
 
 
 def test_gravity_slope_reads_whether_gravity_follows_the_word(teacher_physics):
@@ -215,6 +217,26 @@ def test_chunk_glitch_is_caught_at_chunk_boundaries_only():
   off = physics.evaluate(glitched((4, 7, 10)), SINGLE, chunk_frames=3)[1]["chunk_jump"]
   assert clean < 0.05 and off < 0.05, (clean, off)
   assert at > 0.3, at
+
+
+def test_downward_jumps_at_chunk_starts_read_as_gravity_only_across_chunks():
+  """A ball that drops 1, 2 and 3 pixels more at the chunk starts (frames 3, 6, 9: a causal
+  student falling faster by jumping) shows a larger ``gravity_ratio``; read inside chunks only, its
+  gravity is still the teacher's."""
+  def jumped(step_px):
+    out = []
+    for p in SINGLE:
+      c = WORLD.simulate(p, 4).copy()
+      for i, s in enumerate((3, 6, 9)):   # larger each time, as a faster fall would be
+        c[s:, :, 1] += (i + 1) * step_px / WORLD.size
+      out.append(render(c, p))
+    return np.stack(out)
+
+  clean = physics.evaluate(jumped(0.0), SINGLE, chunk_frames=3)[1]
+  down = physics.evaluate(jumped(1.0), SINGLE, chunk_frames=3)[1]
+  assert abs(clean["gravity_ratio"] - 1) < 0.05 and abs(clean["gravity_ratio_in_chunks"] - 1) < 0.05
+  assert down["gravity_ratio"] > clean["gravity_ratio"] + 0.2, down            # 1.28
+  assert abs(down["gravity_ratio_in_chunks"] - 1) < 0.05, down                  # 1.00
 
 
 def test_physics_is_bounded_on_empty_videos_and_rejects_bad_input():

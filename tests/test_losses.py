@@ -46,6 +46,19 @@ def test_teacher_logit_cancels_with_several_rollouts_per_prompt():
   np.testing.assert_allclose(L.paired_scores(jnp.array([1.0]), jnp.array([3.0])), [2.0])
 
 
+def test_per_chunk_scores_are_normalised_chunk_by_chunk():
+  """A per-chunk discriminator's ``[B, C]`` logits: each chunk's column is paired and normalised
+  exactly as videos' scores are, K = 1 and K = 2."""
+  rng = np.random.default_rng(0)
+  teacher, student = (jnp.asarray(rng.standard_normal((4, 3)), jnp.float32) for _ in range(2))
+  for k in (1, 2):
+    both = L.normalize_advantages(L.paired_scores(teacher, student, k), k)
+    assert both.shape == (4, 3)
+    for c in range(3):
+      one = L.normalize_advantages(L.paired_scores(teacher[:, c], student[:, c], k), k)
+      np.testing.assert_allclose(both[:, c], one, rtol=1e-5, atol=1e-6)
+
+
 def test_disc_losses_paired_and_unpaired():
   t, s = jnp.array([2.0, -1.0]), jnp.array([0.0, 1.0])
   sp = lambda x: np.log1p(np.exp(x))
@@ -124,6 +137,27 @@ def test_nft_gradient_pulls_toward_good_and_pushes_from_bad_samples():
   half = jax.grad(lambda v: L.nft_loss(v, v_old, x_t, x0, sigma, jnp.full(2, 0.5), beta=1.0,
                                        a_max=5.0, chunk_frames=3)[0])(v_old)
   np.testing.assert_allclose(half, 0.0, atol=1e-6)  # r = 0.5 carries no signal at theta_old
+
+
+def test_nft_loss_takes_one_optimality_probability_per_chunk():
+  """``r [B, C]`` weighs each (sample, chunk) group by its own chunk's r: equal to ``r [B]`` when
+  the chunks agree, and a chunk with r = 1 and one with r = 0 pull opposite ways."""
+  rng = np.random.default_rng(1)
+  x0, eps, v_old = (jnp.asarray(rng.standard_normal((2, 6, 2, 2, 3)), jnp.float32)
+                    for _ in range(3))
+  sigma = jnp.full((2, 6), 0.6)
+  x_t = flow.add_noise(x0, eps, sigma)
+  loss = lambda v, r: L.nft_loss(v, v_old, x_t, x0, sigma, r, beta=1.0, a_max=5.0,
+                                 chunk_frames=3)[0]
+  v = v_old + 0.1
+  np.testing.assert_allclose(loss(v, jnp.array([[0.8, 0.8], [0.3, 0.3]])),
+                             loss(v, jnp.array([0.8, 0.3])), rtol=1e-6)
+  g = jax.grad(loss)(v_old, jnp.array([[1.0, 0.0], [1.0, 0.0]]))
+  step = v_old - 1e-2 * g
+  dist = lambda v, frames: float(jnp.sum(jnp.square(
+      (flow.x0_from_velocity(x_t, v, sigma) - x0)[:, frames])))
+  assert dist(step, slice(0, 3)) < dist(v_old, slice(0, 3))   # chunk 0, r = 1: toward its sample
+  assert dist(step, slice(3, 6)) > dist(v_old, slice(3, 6))   # chunk 1, r = 0: away from it
 
 
 def test_regularizer_by_hand():

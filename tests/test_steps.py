@@ -18,6 +18,12 @@ def _trees_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _trees_close(a, b):
+  """Equal up to float32 rounding: two programs computing the same values may round apart."""
+  return all(np.allclose(x, y, rtol=1e-5, atol=1e-7)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 @pytest.fixture(scope="module")
 def batch(inputs):
   latents, context = inputs
@@ -48,7 +54,7 @@ def test_disc_step_changes_only_the_discriminator_and_compiles_once(tiny_model, 
   scored = score(new, teacher, student_x, context, jax.random.key(2))
   assert set(scored) == {"teacher_logits", "student_logits", "metrics"}
   trained = fn(new, opt, teacher, student_x, context, jax.random.key(2))[2]
-  np.testing.assert_allclose(scored["teacher_logits"], trained["teacher_logits"], rtol=1e-6)
+  np.testing.assert_allclose(scored["teacher_logits"], trained["teacher_logits"], rtol=1e-5)
 
 
 def test_disc_training_separates_teacher_from_student(tiny_model, batch):
@@ -207,5 +213,5 @@ def test_fm_step_text_dropout_trains_dropped_videos_on_the_empty_prompt(tiny_mod
   kept, loss_kept = update(plain, context)
   dropped, loss_dropped = update(jax.jit(steps.make_fm_step(
       graphdef, tx, dataclasses.replace(base, text_dropout=0.999))), context)
-  assert loss_dropped == loss_empty != loss_kept
-  assert _trees_equal(dropped, on_empty) and not _trees_equal(kept, on_empty)
+  assert loss_dropped == pytest.approx(loss_empty, rel=1e-6) and loss_kept != loss_empty
+  assert _trees_close(dropped, on_empty) and not _trees_close(kept, on_empty)

@@ -129,6 +129,12 @@ def test_mismatched_prompts_need_a_discriminator_and_two_prompts():
     methods.validate(small_config(**{"disc.mismatch_weight": -1.0}))
 
 
+def test_per_chunk_scores_need_a_discriminator():
+  methods.validate(small_config(**{"disc.per_chunk": True}))
+  with pytest.raises(ValueError, match="per_chunk: 'sft' trains no discriminator"):
+    methods.validate(small_config(method="sft", **{"disc.per_chunk": True}))
+
+
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   """K = 2 rollouts per prompt: rows 2i and 2i+1 share prompt i's text and each is paired with
   its own teacher draw (draw 0 is the one K = 1 reads); the discriminator, the advantage and the
@@ -189,6 +195,52 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   assert metrics[f"oracle/{score}"] == pytest.approx(np.mean(errors))
   assert metrics["oracle/physics_error"] == pytest.approx(np.mean(seen["physics"]["physics_error"]))
   assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
+
+
+def test_a_per_chunk_discriminator_gives_each_chunk_its_own_r(tmp_path):
+  """``disc.per_chunk``: the discriminator scores every chunk's prefix, the student step gets
+  ``r [B, chunks]`` from those logits column by column, the diagnostics pool one advantage per
+  rollout and the probes read the last chunk's logit (the whole video)."""
+  import dataclasses
+  from scipy import stats
+  from afd_jax import losses
+  from configs import demo
+  cfg = override(demo.get_config(), **{
+      "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
+      "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "disc.per_chunk": True,
+      "rollout.denoising_steps": (1000.0, 500.0), "afd.nft_passes": 1, "data.batch_size": 4,
+      "data.num_eval_prompts": 4, "mesh.num_devices": 1, "train.num_steps": 1,
+      "train.checkpoint_every": 0})
+  cfg.mode = "train"
+  trainer = train.Trainer(cfg, tmp_path)
+  seen, disc, student = {}, trainer.fns.disc, trainer.fns.student
+
+  def disc_spy(*args):
+    out = disc(*args)
+    seen["logits"] = np.asarray(out[2]["teacher_logits"]), np.asarray(out[2]["student_logits"])
+    return out
+
+  def student_spy(student_state, old, ref, x0, context, r, *rest):
+    seen["r"] = np.asarray(r)
+    return student(student_state, old, ref, x0, context, r, *rest)
+
+  errors = np.array([0.4, 0.1, 0.3, 0.2])
+  trainer.rollout_physics = lambda latents, ids: {"physics_error": errors}
+  trainer.fns = dataclasses.replace(trainer.fns, disc=disc_spy, student=student_spy)
+  with jax.set_mesh(trainer.mesh):
+    metrics = trainer._iteration(0, trainer._host_batch(0))
+  metrics.update(trainer._pop_diagnostics())
+  teacher, student_logits = seen["logits"]
+  assert teacher.shape == student_logits.shape == seen["r"].shape == (4, 3)
+  adv = np.asarray(losses.normalize_advantages(losses.paired_scores(teacher, student_logits)))
+  np.testing.assert_allclose(seen["r"], losses.optimality_probability(np.clip(adv, -5, 5), 5.0),
+                             rtol=1e-5, atol=1e-6)
+  assert np.isfinite(metrics["nft/loss"])
+  assert metrics["diag/spearman_physics_error"] == pytest.approx(
+      stats.spearmanr(adv.mean(1), -errors).statistic)
+  prompts = [trainer.pool.prompts[i] for i in trainer.evaluator.eval_ids()[:2]]
+  videos = np.stack([trainer.data.physics_world.render(p, 0) for p in prompts])
+  assert trainer.disc_logits(videos, prompts).shape == (2,)
 
 
 @pytest.mark.parametrize("method,keys,state", [

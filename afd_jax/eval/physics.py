@@ -38,6 +38,9 @@ Beside the error, ``gravity_ratio`` reads the gravity a video shows: the measure
 acceleration over the prompt's (clipped to [0, 2], averaged over balls and over the videos where
 it could be measured; NaN where no ball flew three frames). ``accel_error`` counts jitter and a
 wrong value alike; ``gravity_ratio`` near 1 says the value is right, whatever the jitter.
+``gravity_ratio_in_chunks`` reads it the same way from second differences inside chunks only:
+a causal student that jumps down at every chunk boundary shows a larger ``gravity_ratio``
+(the jumps fit a parabola's growing steps) but not a larger ``gravity_ratio_in_chunks``.
 
 Across videos, ``gravity_slope`` reads whether the gravity follows the prompt's word: the
 least-squares slope of the measured vertical acceleration on the asked one (weak / normal /
@@ -57,6 +60,7 @@ from afd_jax.eval import tracking
 from afd_jax.teachers.physics import DIRECTIONS, PhysicsWorld, Scene
 
 TERMS = ("accel_error", "accel_x_error", "bounce_error", "penetration", "chunk_jump")
+RATIOS = ("gravity_ratio", "gravity_ratio_in_chunks")   # means over the videos that show them
 MIN_VISIBLE = 0.5   # a ball missing from more than half the frames gets the maximum error
 MIN_IMPACT = 0.25   # frame heights/s: slower wall contacts are too noisy to read a restitution
 _LAUNCH_JITTER = 0.3  # frame heights/s: a generous bound on the teacher's launch jitter
@@ -100,6 +104,12 @@ def _shared_accel(p: np.ndarray, segments: list[tuple[int, int]]) -> tuple[float
     row += len(t)
   target = np.concatenate([p[i:j] for i, j in segments])
   return float(np.linalg.lstsq(design, target, rcond=None)[0][0]), rows - 2 * len(segments)
+
+
+def _in_chunks(segments: list[tuple[int, int]], chunk_frames: int) -> list[tuple[int, int]]:
+  """The segments cut at chunk boundaries (frames ``chunk_frames``, ``2 * chunk_frames``, ...)."""
+  return [(max(i, c), min(j, c + chunk_frames)) for i, j in segments
+          for c in range(i - i % chunk_frames, j, chunk_frames)]
 
 
 def _velocity(p: np.ndarray, a: float, segment: tuple[int, int], at: int) -> float:
@@ -158,10 +168,13 @@ def _ball_terms(p: np.ndarray, ok: np.ndarray, overlap: np.ndarray, scene: Scene
   launch = np.hypot(*DIRECTIONS[scene.direction]) + _LAUNCH_JITTER
   v_max = np.sqrt(launch ** 2 + 2 * scene.g) * h / world.fps
   walls = np.array([(r, w - r), (r, h - r)])
-  accel, contacts, bounces = [0.0, 0.0], [], []
+  accel, contacts, bounces, in_chunks = [0.0, 0.0], [], [], np.nan
   for axis, (low, high) in enumerate(walls):
     contact = _contacts(p[:, axis], ok, low, high, g, v_max, tolerance)
     segments = _runs(ok[1:] & ok[:-1] & ~contact)
+    if axis == 1:
+      a, seen = _shared_accel(p[:, axis], _in_chunks(segments, chunk_frames))
+      in_chunks = float(np.clip(a / g, 0.0, 2.0)) if seen else np.nan
     accel[axis], used = _shared_accel(p[:, axis], segments)
     bounces += _restitutions(p[:, axis], ok, contact, segments,
                              accel[axis] if used else (0.0, g)[axis], low, high,
@@ -176,6 +189,7 @@ def _ball_terms(p: np.ndarray, ok: np.ndarray, overlap: np.ndarray, scene: Scene
   measured = np.isfinite(accel[1]) and used
   return {
       "gravity_ratio": float(np.clip(accel[1] / g, 0.0, 2.0)) if measured else np.nan,
+      "gravity_ratio_in_chunks": in_chunks,
       "accel_error": abs(accel[1] - g) / g,
       "accel_x_error": abs(accel[0]) / g,
       "bounce_error": np.mean([abs(b - e) / e for b in bounces]) if bounces else 0.0,
@@ -198,7 +212,7 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
   h = video.shape[1]
   # Hidden behind another ball is not missing: only frames with no trace of the ball count.
   missing = 1.0 - (tracks.visible | tracks.overlap).mean(0)
-  rows, bounces, ratios = [], 0, []
+  rows, bounces, ratios = [], 0, {k: [] for k in RATIOS}
   for k in range(len(scene.colors)):
     if missing[k] > 1.0 - MIN_VISIBLE:
       rows.append(np.ones(len(TERMS)))
@@ -206,13 +220,14 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
     terms, n = _ball_terms(tracks.centres[:, k] * h, tracks.visible[:, k], tracks.overlap[:, k],
                            scene, video.shape[1:3], world, chunk_frames, tolerance_px)
     bounces += n
-    ratios.append(terms["gravity_ratio"])
+    for name in RATIOS:
+      ratios[name].append(terms[name])
     rows.append(missing[k] + (1.0 - missing[k]) * np.clip([terms[t] for t in TERMS], 0.0, 1.0))
   out = dict(zip(TERMS, np.mean(rows, 0).tolist()))
   out["physics_error"] = float(sum(out[t] for t in TERMS))
   out["bounces"] = float(bounces)
-  out["gravity_ratio"] = float(np.mean(ratios)) if ratios and not np.isnan(ratios).all() \
-      else np.nan
+  for k, values in ratios.items():
+    out[k] = float(np.nanmean(values)) if values and not np.isnan(values).all() else np.nan
   return out
 
 
@@ -238,11 +253,11 @@ def gravity_slope(rows: Sequence[dict[str, float]], prompts: Sequence[str]) -> f
 
 
 def mean_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-  """Per-key means of per-video dicts; ``gravity_ratio`` over the videos where it was measured
-  (NaN when none was)."""
+  """Per-key means of per-video dicts; the gravity ratios over the videos where they were
+  measured (NaN when none was)."""
   out = {}
   for k in rows[0]:
     values = np.array([r[k] for r in rows], np.float64)
-    out[k] = float(np.nanmean(values)) if k == "gravity_ratio" and not np.isnan(values).all() \
+    out[k] = float(np.nanmean(values)) if k in RATIOS and not np.isnan(values).all() \
         else float(np.mean(values))
   return out

@@ -23,9 +23,8 @@ from afd_jax.teachers.physics import PhysicsWorld
 # Every metric ``evaluate`` returns, in table order, with the direction that is better.
 BETTER = {
     "physics_error": "lower", "frechet_distance": "lower",
-    "accel_error": "lower", "gravity_ratio": "one", "gravity_slope": "one",
-    "accel_x_error": "lower",
-    "bounce_error": "lower",
+    "accel_error": "lower", "gravity_ratio": "one", "gravity_ratio_in_chunks": "one",
+    "gravity_slope": "one", "accel_x_error": "lower", "bounce_error": "lower",
     "penetration": "lower", "chunk_jump": "lower",
     "count_error": "lower", "visibility": "higher", "color_error": "lower",
     "hue_error": "lower", "sharpness": "higher", "sharpness_ratio": "higher",

@@ -5,6 +5,12 @@ lightly noised) latent video and the prompt through its own text cross-attention
 blocks a readout block lets one learned register token attend over all video tokens; the
 readouts are concatenated and an MLP head gives one logit ``D(x, c)``. Lower trunk blocks can be
 frozen (no gradient below ``freeze_below``).
+
+With ``chunk_frames > 0`` (``afd_method.md`` section 6.6) the trunk is block-causal over chunks of
+that many latent frames and each register reads every chunk's prefix: one logit per chunk
+``[B, C]``, where chunk ``c``'s logit judges frames ``< (c + 1) * chunk_frames`` and nothing
+after them, so a chunk that breaks from its past (a jump at its boundary) is scored where it
+happens.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class DiscriminatorConfig:
   readout_ffn_dim: int = 8192
   freeze_below: int = 0                            # blocks < this get no gradient; 0 = none
   head_eps: float = 1e-5
+  chunk_frames: int = 0                            # > 0: one logit per chunk prefix (block-causal)
 
   def validate(self, trunk: wan.WanConfig):
     layers = self.readout_layers
@@ -36,6 +43,8 @@ class DiscriminatorConfig:
     if not 0 <= self.freeze_below <= min(layers):
       raise errors.UserError(f"freeze_below={self.freeze_below} must lie in [0, {min(layers)}] "
                        "(readouts above a frozen block still need their inputs).")
+    if self.chunk_frames < 0:
+      raise errors.UserError(f"chunk_frames={self.chunk_frames} must be >= 0 (0: one logit per video).")
 
 
 class ReadoutBlock(nnx.Module):
@@ -50,15 +59,18 @@ class ReadoutBlock(nnx.Module):
     self.ffn_in = wan._linear(d, ffn_dim, ("embed", "mlp"), trunk, rngs)
     self.ffn_out = wan._linear(ffn_dim, d, ("mlp", "embed"), trunk, rngs)
 
-  def __call__(self, h, register):
-    """``h [B, N, d]`` fp32 trunk features, ``register [d]`` (normed) -> ``[B, d]`` fp32."""
+  def __call__(self, h, register, prefix_tokens: tuple[int, ...] = ()):
+    """``h [B, N, d]`` fp32 trunk features, ``register [d]`` (normed) -> ``[B, d]`` fp32, or with
+    ``prefix_tokens`` one read of each prefix ``h[:, :n]``: ``[B, len(prefix_tokens), d]``."""
     b = h.shape[0]
     dtype = self.ffn_in.dtype
     q = self.attn.query(register[None, None, :].astype(dtype))
     q = jnp.broadcast_to(q, (b, *q.shape[1:]))
     kv = self.attn.key_value(self.norm(h).astype(dtype))
-    u = register + self.attn.out(attn_lib.attend(q, kv.k, kv.v, self.kernel))[:, 0].astype(
-        jnp.float32)
+    reads = [attn_lib.attend(q, kv.k[:, :n], kv.v[:, :n], self.kernel) for n in prefix_tokens]
+    read = self.attn.out(jnp.concatenate(reads, 1) if reads
+                         else attn_lib.attend(q, kv.k, kv.v, self.kernel)[:, 0])
+    u = register + read.astype(jnp.float32)
     y = self.ffn_out(jax.nn.gelu(self.ffn_in(wan.layer_norm(u, self.eps).astype(dtype)),
                                  approximate=True))
     return u + y.astype(jnp.float32)
@@ -81,17 +93,22 @@ class Discriminator(nnx.Module):
     self.head_out = wan._linear(d, 1, ("embed", None), tc, rngs)
 
   def __call__(self, latents, timesteps, context=None, *, text_kv: wan.KV | None = None):
-    """Logits ``[B]`` for clean (or lightly noised, ``timesteps = 1000 tau``) latents."""
+    """Logits ``[B]`` (``[B, C]`` per chunk prefix with ``chunk_frames``) for clean (or lightly
+    noised, ``timesteps = 1000 tau``) latents."""
+    f = self.config.chunk_frames
     feats = self.trunk.features(latents, timesteps, context, self.config.readout_layers,
-                                text_kv=text_kv, stop_gradient_below=self.config.freeze_below)
+                                text_kv=text_kv, stop_gradient_below=self.config.freeze_below,
+                                chunk_frames=f)
+    frames, n = latents.shape[1] // self.trunk.config.patch_size[0], feats[0].shape[1]
+    prefixes = tuple(range(f * n // frames, n + 1, f * n // frames)) if f else ()
     regs = self.register_norm(self.registers[...].astype(jnp.float32))
     order = sorted(range(len(self.config.readout_layers)),
                    key=lambda i: self.config.readout_layers[i])
     by_layer = dict(zip(order, feats))
-    outs = [block(by_layer[i], regs[i]) for i, block in enumerate(self.readouts)]
+    outs = [block(by_layer[i], regs[i], prefixes) for i, block in enumerate(self.readouts)]
     z = self.head_norm(jnp.concatenate(outs, -1))
     z = self.head_out(jax.nn.silu(self.head_hidden(z.astype(self.head_hidden.dtype))))
-    return z[:, 0].astype(jnp.float32)
+    return z[..., 0].astype(jnp.float32)
 
 
 def init(trunk: wan.WanModel, cfg: DiscriminatorConfig = DiscriminatorConfig(),

@@ -423,8 +423,10 @@ class WanModel(nnx.Module):
     return self._unpatchify(self.head(x, e), grid)
 
   def features(self, latents, timesteps, context=None, layers=(), *, text_kv: KV | None = None,
-               stop_gradient_below: int = 0):
-    """Hidden states ``[B, N, d]`` (fp32) after each block index in ``layers``, bidirectional.
+               stop_gradient_below: int = 0, chunk_frames: int = 0):
+    """Hidden states ``[B, N, d]`` (fp32) after each block index in ``layers``: bidirectional, or
+    block-causal over chunks of ``chunk_frames`` frames (each token sees its own chunk and the
+    earlier ones only, so a prefix's features do not depend on what follows it).
 
     Blocks after the last requested one and the output head are not run. With
     ``stop_gradient_below=k`` no gradient reaches blocks ``< k`` or the embeddings (a partly frozen
@@ -439,7 +441,8 @@ class WanModel(nnx.Module):
     b = latents.shape[0]
     t = self._frame_timesteps(timesteps, b, grid[0])
     text = self._text(context, text_kv, b)
-    layout = attn_lib.Layout("bidirectional", kernel=cfg.attention_kernel)
+    layout = self._layout("block_causal" if chunk_frames else "bidirectional", chunk_frames,
+                          grid[0], grid, None, 0)
     angles = rope_angles(cfg.head_dim, *grid)
     _, e0 = self._time(t)
     x = self._embed(latents)

@@ -8,7 +8,7 @@ trains for the same number of iterations on the same prompts, so each sees the s
 videos (``data.teacher_samples`` per prompt): the paper's baselines (SFT, GAN), AFD with one and
 with K rollouts per prompt, the oracle bound (the evaluator's own physics score in place of the
 discriminator), a frozen discriminator, positive-only updates, the discriminator learning-rate
-sweep and the unpaired GAN discriminator loss. DMD needs the teacher's score function, which a
+sweep, the unpaired GAN discriminator loss and a per-chunk discriminator. DMD needs the teacher's score function, which a
 black-box teacher does not give, so it is not a row. Every system, the base student and the
 teacher's own second sample set included, is scored on the held-out prompts by ``afd_jax.eval``.
 
@@ -49,12 +49,15 @@ SYSTEMS = {
     **{f"afd_disc_lr_{k}": ("afd", {"optim.disc.lr": v}, f"discriminator lr {v:g}")
        for k, v in DISC_LR.items()},
     "afd_unpaired_loss": ("afd", {"disc.loss": "gan"}, "plain unpaired GAN discriminator loss"),
+    "afd_per_chunk": ("afd", {"disc.per_chunk": True},
+                      "one discriminator logit and advantage per chunk prefix"),
 }
 BASELINES = ("sft", "gan")
 HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", "dynamic_degree",
             "speed_ratio", "sharpness_ratio", "visibility")
-GAINS = ("physics_error", "accel_error", "gravity_ratio", "accel_x_error", "bounce_error",
-         "penetration", "chunk_jump", "frechet_distance", "dynamic_degree")
+GAINS = ("physics_error", "accel_error", "gravity_ratio", "gravity_ratio_in_chunks",
+         "accel_x_error", "bounce_error", "penetration", "chunk_jump", "frechet_distance",
+         "dynamic_degree")
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
                "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac",
                "probe/gravity_word", "probe/color_word", "probe/half_gravity")
