@@ -14,8 +14,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 # 8 fake CPU devices; LLVM's cheap optimisation level and XLA:CPU's older loop emitters, as
-# compiling dominates a test's time (about 30% and a further 20% less CPU; results stay
-# IEEE-exact, no fast math).
+# compiling dominates a test's time (about 30% and a further 15% less CPU; results stay
+# IEEE-exact, no fast math, though two programs computing the same values may round apart).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true"
