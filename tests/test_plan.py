@@ -67,6 +67,13 @@ def test_plan_lowers_every_afd_step_from_abstract_state():
     for name, (fn, args) in programs.items():
       text = fn.lower(*args).as_text()
       assert "sharding" in text, name
+  # A per-chunk discriminator: the student step takes one r per (rollout, chunk).
+  c = get_config(**{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 4, "disc.per_chunk": True})
+  nets, state = state_lib.build_state(c, mesh, abstract=True)
+  fn, args = plan.step_inputs(c, nets, state, mesh, (6, 4, 6, 16))["student"]
+  assert args[5].shape == (8, 2)
+  with jax.set_mesh(mesh):
+    fn.lower(*args)
 
 
 @pytest.mark.parametrize("method", ["afd", "gan", "dmd"])

@@ -98,7 +98,9 @@ def step_inputs(config, nets, state, mesh, latent_shape) -> dict:
     steps["disc"] = (fns.disc, (state["disc"]["params"], state["disc"]["opt"], x, x, ctx, key,
                                 disc_base))
   if method in methods.NFT:
-    r = _sds((rows,), jnp.float32, batch)
+    per_chunk = method in methods.WITH_DISC and config.disc.per_chunk   # one r per chunk
+    r = _sds((rows, latent_shape[0] // config.rollout.chunk_frames) if per_chunk else (rows,),
+             jnp.float32, batch)
     steps["student"] = (fns.student, (state["student"], state["old"], ref, x, ctx, r, key,
                                       state["step"], base))
   elif method == "gan":
