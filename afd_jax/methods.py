@@ -28,7 +28,9 @@ NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old po
 WITH_DISC = ("afd", "afd_frozen_disc", "gan")    # a discriminator in the training state
 GENERATOR = ("gan", "dmd")                       # losses through the rollout's exit step
 ON_POLICY = NFT + GENERATOR                      # methods that roll out the student
-ORACLE_SCORES = ("physics_error", *eval_physics.TERMS)  # what afd_oracle ranks (lower: better)
+# What afd_oracle ranks (lower: better): the physics score, its terms, or the distance of the
+# gravity a rollout shows (over the whole video, or inside chunks only) from the teacher's.
+ORACLE_SCORES = ("physics_error", *eval_physics.TERMS, "gravity_gap", "gravity_gap_in_chunks")
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -147,7 +149,7 @@ def validate(config: ml_collections.ConfigDict):
                     "prompt is not zero, so use 0 and 1 with umT5 contexts")
   if config.afd.oracle_score not in ORACLE_SCORES:
     problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
-                    f"{ORACLE_SCORES} (the physics score or one of its terms)")
+                    f"{ORACLE_SCORES} (the physics score, one of its terms or a gravity gap)")
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")

@@ -131,9 +131,11 @@ class Trainer:
       physics = self.rollout_physics(x_student, self.step_ids(step))
     if self.method == "afd_oracle":
       score = self.config.afd.oracle_score
-      r, adv, metrics = self.fns.advantage(np.zeros_like(physics[score]), -physics[score])
+      # A gravity gap not measured (no three frames of free flight) counts as the largest, 1.
+      values = np.nan_to_num(physics[score], nan=1.0)
+      r, adv, metrics = self.fns.advantage(np.zeros_like(values), -values)
       metrics["oracle/physics_error"] = float(np.mean(physics["physics_error"]))
-      metrics[f"oracle/{score}"] = float(np.mean(physics[score]))
+      metrics[f"oracle/{score}"] = float(np.mean(values))
     else:   # the discriminator's program computes the advantage too
       out = self._disc_step(teacher, x_student, context, keys["disc"],
                             train=self.method == "afd"
@@ -229,7 +231,9 @@ class Trainer:
     rows, _ = eval_physics.evaluate(videos, [self.pool.prompts[i] for i in ids],
                                     self.data.physics_world, self.config.rollout.chunk_frames)
     out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
-    out["gravity_gap"] = np.abs(np.array([row["gravity_ratio"] for row in rows]) - 1.0)  # NaN: unseen
+    for ratio in eval_physics.RATIOS:   # NaN where no ball flew three frames
+      gap = "gravity_gap" + ratio.removeprefix("gravity_ratio")
+      out[gap] = np.abs(np.array([row[ratio] for row in rows]) - 1.0)
     return out
 
   def _meta(self, step):

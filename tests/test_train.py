@@ -155,11 +155,12 @@ def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   assert np.isfinite(summary["nft/loss"]) and "eval/property_gap" in summary
 
 
-@pytest.mark.parametrize("score", ["physics_error", "accel_error"])
+@pytest.mark.parametrize("score", ["physics_error", "gravity_gap_in_chunks"])
 def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, score):
   """``afd_oracle`` scores every rollout with the evaluator (no discriminator in the state), and
   the NFT step receives exactly the advantage of the chosen score (``afd.oracle_score``: the
-  physics error or one of its terms); its rank correlation with that score is 1."""
+  physics error, one of its terms or a gravity gap, an unmeasured gap counting as 1); its rank
+  correlation with that score is 1."""
   import dataclasses
   from afd_jax import losses
   from configs import demo
@@ -177,6 +178,7 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
     rng = np.random.default_rng(0)
     seen["physics"] = {k: rng.permutation(len(v)) * 0.1 + 0.05
                        for k, v in measure(latents, ids).items()}
+    seen["physics"]["gravity_gap_in_chunks"][0] = np.nan   # no ball flew three frames
     return seen["physics"]
 
   def student_spy(student_state, old, ref, x0, context, r, *rest):
@@ -188,7 +190,7 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   with jax.set_mesh(trainer.mesh):
     metrics = trainer._iteration(0, trainer._host_batch(0))
   metrics.update(trainer._pop_diagnostics())
-  errors = seen["physics"][score]
+  errors = np.nan_to_num(seen["physics"][score], nan=1.0)
   expected = losses.optimality_probability(np.clip(
       (-errors - np.mean(-errors)) / (np.std(errors) + 1e-4), -5, 5), 5.0)
   np.testing.assert_allclose(seen["r"], expected, rtol=1e-5)
