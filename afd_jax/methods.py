@@ -28,9 +28,11 @@ NFT = ("afd", "afd_frozen_disc", "afd_oracle")   # on-policy NFT updates: old po
 WITH_DISC = ("afd", "afd_frozen_disc", "gan")    # a discriminator in the training state
 GENERATOR = ("gan", "dmd")                       # losses through the rollout's exit step
 ON_POLICY = NFT + GENERATOR                      # methods that roll out the student
-# What afd_oracle ranks (lower: better): the physics score, its terms, or the distance of the
-# gravity a rollout shows (over the whole video, or inside chunks only) from the teacher's.
-ORACLE_SCORES = ("physics_error", *eval_physics.TERMS, "gravity_gap", "gravity_gap_in_chunks")
+# The distance of the gravity a rollout shows (over the whole video, or inside chunks only) from
+# the teacher's: |ratio - 1|, per the evaluator's ratio it is read from.
+GRAVITY_GAPS = {"gravity_gap": "gravity_ratio", "gravity_gap_in_chunks": "gravity_ratio_in_chunks"}
+# What afd_oracle ranks (lower: better): the physics score, its terms, or a gravity gap.
+ORACLE_SCORES = ("physics_error", *eval_physics.TERMS, *GRAVITY_GAPS)
 
 
 def validate(config: ml_collections.ConfigDict):

@@ -231,8 +231,7 @@ class Trainer:
     rows, _ = eval_physics.evaluate(videos, [self.pool.prompts[i] for i in ids],
                                     self.data.physics_world, self.config.rollout.chunk_frames)
     out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
-    for ratio in eval_physics.RATIOS:   # NaN where no ball flew three frames
-      gap = "gravity_gap" + ratio.removeprefix("gravity_ratio")
+    for gap, ratio in methods.GRAVITY_GAPS.items():   # NaN where no ball flew three frames
       out[gap] = np.abs(np.array([row[ratio] for row in rows]) - 1.0)
     return out
 
