@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 
 from afd_jax import errors
 from afd_jax import losses
@@ -31,8 +32,19 @@ ON_POLICY = NFT + GENERATOR                      # methods that roll out the stu
 # The distance of the gravity a rollout shows (over the whole video, or inside chunks only) from
 # the teacher's: |ratio - 1|, per the evaluator's ratio it is read from.
 GRAVITY_GAPS = {"gravity_gap": "gravity_ratio", "gravity_gap_in_chunks": "gravity_ratio_in_chunks"}
-# What afd_oracle ranks (lower: better): the physics score, its terms, or a gravity gap.
-ORACLE_SCORES = ("physics_error", *eval_physics.TERMS, *GRAVITY_GAPS)
+# What afd_oracle ranks (lower: better): the physics score, its terms, a gravity gap, or how
+# much the ball's fall wobbles inside chunks.
+ORACLE_SCORES = ("physics_error", *eval_physics.TERMS, *GRAVITY_GAPS, "fall_jitter")
+
+
+def oracle_values(physics: dict[str, np.ndarray], score: str) -> np.ndarray:
+  """Per-rollout values of ``score`` for afd_oracle, an unmeasured one (NaN: no ball flew three
+  frames inside a chunk) counting as the worst: 1 for a gravity gap, the batch's largest
+  ``fall_jitter`` for the jitter."""
+  values = np.asarray(physics[score], np.float64)
+  if np.isnan(values).all():
+    return np.zeros_like(values)   # nothing measured: no preference
+  return np.nan_to_num(values, nan=1.0 if score in GRAVITY_GAPS else np.nanmax(values))
 
 
 def validate(config: ml_collections.ConfigDict):

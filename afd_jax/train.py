@@ -131,8 +131,7 @@ class Trainer:
       physics = self.rollout_physics(x_student, self.step_ids(step))
     if self.method == "afd_oracle":
       score = self.config.afd.oracle_score
-      # A gravity gap not measured (no three frames of free flight) counts as the largest, 1.
-      values = np.nan_to_num(physics[score], nan=1.0)
+      values = methods.oracle_values(physics, score)
       r, adv, metrics = self.fns.advantage(np.zeros_like(values), -values)
       metrics["oracle/physics_error"] = float(np.mean(physics["physics_error"]))
       metrics[f"oracle/{score}"] = float(np.mean(values))
@@ -223,8 +222,9 @@ class Trainer:
                                         self.config.seed), self.config.afd.group_size)
 
   def rollout_physics(self, latents, ids) -> dict[str, np.ndarray]:
-    """Per-video ``physics_error`` and its terms of rollouts (a global array) for prompts
-    ``ids``, measured by ``afd_jax.eval`` on the decoded pixels (every host computes all)."""
+    """Per-video ``physics_error``, its terms, the gravity gaps and ``fall_jitter`` of rollouts (a
+    global array) for prompts ``ids``, measured by ``afd_jax.eval`` on the decoded pixels (every
+    host computes all)."""
     from afd_jax.eval import physics as eval_physics
     x = np.asarray(multihost_utils.process_allgather(latents, tiled=True))
     videos = np.stack([self.data.encoder.decode(v) for v in x])
@@ -233,6 +233,7 @@ class Trainer:
     out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
     for gap, ratio in methods.GRAVITY_GAPS.items():   # NaN where no ball flew three frames
       out[gap] = np.abs(np.array([row[ratio] for row in rows]) - 1.0)
+    out["fall_jitter"] = np.array([row["fall_jitter"] for row in rows])
     return out
 
   def _meta(self, step):

@@ -106,7 +106,7 @@ def get_config():
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through
   c.afd.oracle_score = "physics_error"  # afd_oracle ranks rollouts by this (one of its terms,
-                                       # or gravity_gap / gravity_gap_in_chunks)
+                                       # gravity_gap / gravity_gap_in_chunks, fall_jitter)
 
   c.dmd = ml_collections.ConfigDict()  # distribution matching (method=dmd: distilling a base)
   c.dmd.critic_ratio = 5               # critic updates per student update (Self-Forcing: 5)

@@ -140,8 +140,9 @@ def test_teacher_physics_near_zero_and_below_every_broken_video(teacher, teacher
     assert abs(means[ratio] - 1.0) < 0.05, means
     assert 0.25 < scores["wrong_world"][ratio] < 0.55, scores["wrong_world"]
     assert np.isnan(scores["noise"][ratio])
+  assert means["fall_jitter"] < 0.2 and scores["wrong_world"]["fall_jitter"] < 0.2, means  # 0.08
   assert all(np.isfinite(v) for s in scores.values() for k, v in s.items()
-             if k not in physics.RATIOS)
+             if k not in physics.READINGS)
 
 
 def test_gravity_slope_reads_whether_gravity_follows_the_word(teacher_physics):
@@ -237,6 +238,25 @@ def test_downward_jumps_at_chunk_starts_read_as_gravity_only_across_chunks():
   assert abs(clean["gravity_ratio"] - 1) < 0.05 and abs(clean["gravity_ratio_in_chunks"] - 1) < 0.05
   assert down["gravity_ratio"] > clean["gravity_ratio"] + 0.2, down            # 1.28
   assert abs(down["gravity_ratio_in_chunks"] - 1) < 0.05, down                  # 1.00
+
+
+def test_a_ball_wobbling_inside_chunks_shows_jitter_not_gravity():
+  """Every odd frame 1 pixel higher (a tracked centre that wobbles, as the distilled student's
+  does): each chunk's second difference is g +- 2 px, alternating from chunk to chunk, so
+  ``fall_jitter`` reads about 2 px over g (g: 0.36-1.4 px / frame**2 here) where the teacher's
+  parabola reads about 0."""
+  def wobbled(px):
+    out = []
+    for p in SINGLE:
+      c = WORLD.simulate(p, 4).copy()
+      c[1::2, :, 1] -= px / WORLD.size
+      out.append(render(c, p))
+    return np.stack(out)
+
+  clean = physics.evaluate(wobbled(0.0), SINGLE, chunk_frames=3)[1]
+  wobbly = physics.evaluate(wobbled(1.0), SINGLE, chunk_frames=3)[1]
+  assert clean["fall_jitter"] < 0.05, clean
+  assert wobbly["fall_jitter"] > 1.0, wobbly
 
 
 def test_physics_is_bounded_on_empty_videos_and_rejects_bad_input():

@@ -41,6 +41,9 @@ wrong value alike; ``gravity_ratio`` near 1 says the value is right, whatever th
 ``gravity_ratio_in_chunks`` reads it the same way from second differences inside chunks only:
 a causal student that jumps down at every chunk boundary shows a larger ``gravity_ratio``
 (the jumps fit a parabola's growing steps) but not a larger ``gravity_ratio_in_chunks``.
+``fall_jitter`` says how far such a reading can be trusted: the standard deviation of those
+in-chunk vertical second differences over ``g`` (0 on any parabola; NaN below two of them). A
+ball that wobbles by a pixel from frame to frame shows no gravity inside chunks, only noise.
 
 Across videos, ``gravity_slope`` reads whether the gravity follows the prompt's word: the
 least-squares slope of the measured vertical acceleration on the asked one (weak / normal /
@@ -60,7 +63,8 @@ from afd_jax.eval import tracking
 from afd_jax.teachers.physics import DIRECTIONS, PhysicsWorld, Scene
 
 TERMS = ("accel_error", "accel_x_error", "bounce_error", "penetration", "chunk_jump")
-RATIOS = ("gravity_ratio", "gravity_ratio_in_chunks")   # means over the videos that show them
+RATIOS = ("gravity_ratio", "gravity_ratio_in_chunks")
+READINGS = (*RATIOS, "fall_jitter")   # per ball, over g; means over the videos that show them
 MIN_VISIBLE = 0.5   # a ball missing from more than half the frames gets the maximum error
 MIN_IMPACT = 0.25   # frame heights/s: slower wall contacts are too noisy to read a restitution
 _LAUNCH_JITTER = 0.3  # frame heights/s: a generous bound on the teacher's launch jitter
@@ -168,13 +172,17 @@ def _ball_terms(p: np.ndarray, ok: np.ndarray, overlap: np.ndarray, scene: Scene
   launch = np.hypot(*DIRECTIONS[scene.direction]) + _LAUNCH_JITTER
   v_max = np.sqrt(launch ** 2 + 2 * scene.g) * h / world.fps
   walls = np.array([(r, w - r), (r, h - r)])
-  accel, contacts, bounces, in_chunks = [0.0, 0.0], [], [], np.nan
+  accel, contacts, bounces, in_chunks, jitter = [0.0, 0.0], [], [], np.nan, np.nan
   for axis, (low, high) in enumerate(walls):
     contact = _contacts(p[:, axis], ok, low, high, g, v_max, tolerance)
     segments = _runs(ok[1:] & ok[:-1] & ~contact)
     if axis == 1:
-      a, seen = _shared_accel(p[:, axis], _in_chunks(segments, chunk_frames))
+      stretches = _in_chunks(segments, chunk_frames)
+      a, seen = _shared_accel(p[:, axis], stretches)
       in_chunks = float(np.clip(a / g, 0.0, 2.0)) if seen else np.nan
+      kinks = [np.diff(p[i:j, axis], 2) for i, j in stretches if j - i >= 3]
+      kinks = np.concatenate(kinks) if kinks else np.zeros(0)
+      jitter = float(np.std(kinks) / g) if len(kinks) >= 2 else np.nan
     accel[axis], used = _shared_accel(p[:, axis], segments)
     bounces += _restitutions(p[:, axis], ok, contact, segments,
                              accel[axis] if used else (0.0, g)[axis], low, high,
@@ -190,6 +198,7 @@ def _ball_terms(p: np.ndarray, ok: np.ndarray, overlap: np.ndarray, scene: Scene
   return {
       "gravity_ratio": float(np.clip(accel[1] / g, 0.0, 2.0)) if measured else np.nan,
       "gravity_ratio_in_chunks": in_chunks,
+      "fall_jitter": jitter,
       "accel_error": abs(accel[1] - g) / g,
       "accel_x_error": abs(accel[0]) / g,
       "bounce_error": np.mean([abs(b - e) / e for b in bounces]) if bounces else 0.0,
@@ -212,7 +221,7 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
   h = video.shape[1]
   # Hidden behind another ball is not missing: only frames with no trace of the ball count.
   missing = 1.0 - (tracks.visible | tracks.overlap).mean(0)
-  rows, bounces, ratios = [], 0, {k: [] for k in RATIOS}
+  rows, bounces, ratios = [], 0, {k: [] for k in READINGS}
   for k in range(len(scene.colors)):
     if missing[k] > 1.0 - MIN_VISIBLE:
       rows.append(np.ones(len(TERMS)))
@@ -220,7 +229,7 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
     terms, n = _ball_terms(tracks.centres[:, k] * h, tracks.visible[:, k], tracks.overlap[:, k],
                            scene, video.shape[1:3], world, chunk_frames, tolerance_px)
     bounces += n
-    for name in RATIOS:
+    for name in READINGS:
       ratios[name].append(terms[name])
     rows.append(missing[k] + (1.0 - missing[k]) * np.clip([terms[t] for t in TERMS], 0.0, 1.0))
   out = dict(zip(TERMS, np.mean(rows, 0).tolist()))
@@ -253,11 +262,11 @@ def gravity_slope(rows: Sequence[dict[str, float]], prompts: Sequence[str]) -> f
 
 
 def mean_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-  """Per-key means of per-video dicts; the gravity ratios over the videos where they were
-  measured (NaN when none was)."""
+  """Per-key means of per-video dicts; the ``READINGS`` over the videos where they were measured
+  (NaN when none was)."""
   out = {}
   for k in rows[0]:
     values = np.array([r[k] for r in rows], np.float64)
-    out[k] = float(np.nanmean(values)) if k in RATIOS and not np.isnan(values).all() \
+    out[k] = float(np.nanmean(values)) if k in READINGS and not np.isnan(values).all() \
         else float(np.mean(values))
   return out

@@ -24,6 +24,7 @@ from afd_jax.teachers.physics import PhysicsWorld
 BETTER = {
     "physics_error": "lower", "frechet_distance": "lower",
     "accel_error": "lower", "gravity_ratio": "one", "gravity_ratio_in_chunks": "one",
+    "fall_jitter": "lower",
     "gravity_slope": "one", "accel_x_error": "lower", "bounce_error": "lower",
     "penetration": "lower", "chunk_jump": "lower",
     "count_error": "lower", "visibility": "higher", "color_error": "lower",

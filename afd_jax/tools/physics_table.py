@@ -55,7 +55,7 @@ SYSTEMS = {
 BASELINES = ("sft", "gan")
 HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", "dynamic_degree",
             "speed_ratio", "sharpness_ratio", "visibility")
-GAINS = ("physics_error", "accel_error", "gravity_ratio", "gravity_ratio_in_chunks",
+GAINS = ("physics_error", "accel_error", "gravity_ratio", "gravity_ratio_in_chunks", "fall_jitter",
          "accel_x_error", "bounce_error", "penetration", "chunk_jump", "frechet_distance",
          "dynamic_degree")
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
