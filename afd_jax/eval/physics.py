@@ -43,7 +43,10 @@ a causal student that jumps down at every chunk boundary shows a larger ``gravit
 (the jumps fit a parabola's growing steps) but not a larger ``gravity_ratio_in_chunks``.
 ``fall_jitter`` says how far such a reading can be trusted: the standard deviation of those
 in-chunk vertical second differences over ``g`` (0 on any parabola; NaN below two of them). A
-ball that wobbles by a pixel from frame to frame shows no gravity inside chunks, only noise.
+ball that wobbles by a pixel from frame to frame shows no gravity inside chunks, only noise, and
+as each ball's ratio is clipped to [0, 2] before averaging, a wobbling ball that does not
+accelerate at all reads a positive ``gravity_ratio_in_chunks`` (about 0.3-0.6 for a reading
+that scatters by 0.8-1.7 g).
 
 Across videos, ``gravity_slope`` reads whether the gravity follows the prompt's word: the
 least-squares slope of the measured vertical acceleration on the asked one (weak / normal /
