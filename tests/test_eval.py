@@ -259,6 +259,30 @@ def test_a_ball_wobbling_inside_chunks_shows_jitter_not_gravity():
   assert wobbly["fall_jitter"] > 1.0, wobbly
 
 
+def test_chunk_kinks_read_g_in_every_chunk_of_a_parabola_and_a_wobble_apart():
+  """Inside each chunk, a parabola's second difference is g; a ball 1 pixel higher every odd frame
+  reads g + 2 and g - 2 px / frame**2 in alternate chunks (middle frames 1, 4, 7, 10); readings
+  near the floor or ceiling, where a bounce could enter, are left out."""
+  for p in SINGLE:
+    g = physics.tracking.as_scene(p).g * 32 / WORLD.fps ** 2
+    clean = WORLD.simulate(p, 4).copy()
+    wobbly = clean.copy()
+    wobbly[1::2, :, 1] -= 1.0 / WORLD.size
+    plain = physics.chunk_kinks(render(clean, p), p, WORLD, 3)
+    shaken = physics.chunk_kinks(render(wobbly, p), p, WORLD, 3)
+    assert plain.shape == (1, 4)
+    np.testing.assert_allclose(plain[np.isfinite(plain)], g, atol=0.05)
+    odd = np.isfinite(shaken[0]) & (np.arange(4) % 2 == 0)
+    np.testing.assert_allclose(shaken[0, odd], g + 2, atol=0.1)
+    np.testing.assert_allclose(shaken[0, np.isfinite(shaken[0]) & ~odd], g - 2, atol=0.1)
+    near_walls = physics.chunk_kinks(render(clean, p), p, WORLD, 3, margin_px=16.0)
+    assert np.isnan(near_walls).all()
+  assert sum(np.isfinite(physics.chunk_kinks(render(WORLD.simulate(p, 4), p), p, WORLD, 3)).sum()
+             for p in SINGLE) >= 6                      # enough chunks were read to mean something
+  with pytest.raises(ValueError, match="chunk_frames must be >= 3"):
+    physics.chunk_kinks(render(WORLD.simulate(SINGLE[0], 4), SINGLE[0]), SINGLE[0], WORLD, 2)
+
+
 def test_physics_is_bounded_on_empty_videos_and_rejects_bad_input():
   black = np.zeros((12, 32, 32, 3), np.uint8)
   assert physics.video_physics(black, PROMPTS[0])["physics_error"] == 5.0

@@ -243,6 +243,34 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
   return out
 
 
+def chunk_kinks(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld(),
+                chunk_frames: int = 3, margin_px: float = 4.0,
+                tracks: tracking.Tracks | None = None) -> np.ndarray:
+  """``[balls, chunks]``: each ball's vertical second difference inside each chunk (px /
+  frame**2, downward positive; the mean over the chunk's interior frames), what gravity alone
+  makes of a fall: ``prompt_g * H / fps**2`` on any parabola, in every chunk. NaN where the ball
+  is not visible on every frame involved or comes within ``margin_px`` of the floor or ceiling
+  (a bounce would enter). Unlike ``fall_jitter`` it keeps each chunk apart, so the chunks of one
+  video can be compared (is a fast fall a trait of the video, or drawn afresh per chunk?)."""
+  video = tracking.check_video(video)
+  scene = tracking.as_scene(prompt)
+  if chunk_frames < 3:
+    raise ValueError(f"chunk_frames must be >= 3 for a second difference inside a chunk, got "
+                     f"{chunk_frames}.")
+  tracks = tracking.track(video, scene, world.radius) if tracks is None else tracks
+  h = video.shape[1]
+  r = world.radius * h
+  y = tracks.centres[..., 1] * h                                            # [T, balls]
+  ok = tracks.visible & (y >= r + margin_px) & (y <= h - r - margin_px)
+  out = np.full((len(scene.colors), len(y) // chunk_frames), np.nan)
+  for c in range(out.shape[1]):
+    k = np.arange(c * chunk_frames + 1, (c + 1) * chunk_frames - 1)       # interior frames
+    d2 = y[k + 1] - 2 * y[k] + y[k - 1]
+    good = (ok[k - 1] & ok[k] & ok[k + 1]).all(0)
+    out[good, c] = d2[:, good].mean(0)
+  return out
+
+
 def evaluate(videos, prompts: Sequence[str], world: PhysicsWorld = PhysicsWorld(),
              chunk_frames: int = 3) -> tuple[list[dict[str, float]], dict[str, float]]:
   """Per-video dicts (``video_physics``) for uint8 ``[N, T, H, W, 3]`` and their means."""

@@ -1,0 +1,32 @@
+"""The fall-profile tool on a small random student: the teacher's chunks read its gravity, the
+student's shapes and bookkeeping hold, and a config it cannot track is refused."""
+
+import numpy as np
+import pytest
+
+from afd_jax import errors
+from afd_jax.tools import fall_profile
+from configs import demo, tiny
+from small_config import override
+
+SMALL = {"model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
+         "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
+         "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1}
+
+
+def test_the_teacher_reads_its_gravity_in_every_chunk_and_the_student_is_profiled():
+  config = override(demo.get_config(), **SMALL)
+  profile = fall_profile.run(config, rollouts=2, batches=1, margin_px=4.0)
+  assert profile["rollouts"] == 8                           # 4 prompts x 2 rollouts
+  g = 0.8 * config.physics.size / config.physics.fps ** 2   # "normal gravity", px / frame**2
+  teacher = profile["teacher"]
+  read = np.array(teacher["read"]) > 0
+  assert read.any()
+  np.testing.assert_allclose(np.array(teacher["mean"])[read], g, atol=0.05)
+  assert all(len(profile[w][k]) == 3 for w in ("student", "teacher") for k in teacher)  # 3 chunks
+  assert set(profile["student_chunk_correlation"]) == {"0-1", "0-2", "1-2"}
+
+
+def test_a_world_without_one_tracked_ball_is_refused():
+  with pytest.raises(errors.UserError, match="needs the physics teacher"):
+    fall_profile.run(tiny.get_config(), rollouts=2, batches=1, margin_px=4.0)
