@@ -259,28 +259,32 @@ def test_a_ball_wobbling_inside_chunks_shows_jitter_not_gravity():
   assert wobbly["fall_jitter"] > 1.0, wobbly
 
 
-def test_chunk_kinks_read_g_in_every_chunk_of_a_parabola_and_a_wobble_apart():
-  """Inside each chunk, a parabola's second difference is g; a ball 1 pixel higher every odd frame
-  reads g + 2 and g - 2 px / frame**2 in alternate chunks (middle frames 1, 4, 7, 10); readings
-  near the floor or ceiling, where a bounce could enter, are left out."""
-  for p in SINGLE:
-    g = physics.tracking.as_scene(p).g * 32 / WORLD.fps ** 2
-    clean = WORLD.simulate(p, 4).copy()
-    wobbly = clean.copy()
-    wobbly[1::2, :, 1] -= 1.0 / WORLD.size
-    plain = physics.chunk_kinks(render(clean, p), p, WORLD, 3)
-    shaken = physics.chunk_kinks(render(wobbly, p), p, WORLD, 3)
-    assert plain.shape == (1, 4)
-    np.testing.assert_allclose(plain[np.isfinite(plain)], g, atol=0.05)
-    odd = np.isfinite(shaken[0]) & (np.arange(4) % 2 == 0)
-    np.testing.assert_allclose(shaken[0, odd], g + 2, atol=0.1)
-    np.testing.assert_allclose(shaken[0, np.isfinite(shaken[0]) & ~odd], g - 2, atol=0.1)
-    near_walls = physics.chunk_kinks(render(clean, p), p, WORLD, 3, margin_px=16.0)
-    assert np.isnan(near_walls).all()
-  assert sum(np.isfinite(physics.chunk_kinks(render(WORLD.simulate(p, 4), p), p, WORLD, 3)).sum()
-             for p in SINGLE) >= 6                      # enough chunks were read to mean something
+def test_chunk_profile_tells_a_fall_inside_chunks_from_a_wobble_and_a_drop_at_chunk_starts():
+  """A 9-frame free fall (3 chunks of 3, clear of the walls) reads g inside every chunk, a velocity
+  that grows by 3 g per chunk and no drop. Moved 2 px down from frame 3 on (a jump where chunk 1
+  starts), only the first drop changes, by 2 px; 1 px higher every odd frame, the second
+  differences read g + 2 / g - 2 / g + 2 (middle frames 1, 4, 7)."""
+  prompt = SINGLE[0]
+  g = 0.356                                                  # px / frame**2 (a weak fall)
+  t = np.arange(9.0)
+  y = 10.0 + 0.5 * g * t ** 2                                # px in a 32 px frame: 10 .. 21.4
+  fall = np.stack([np.full(9, 0.5), y / 32], -1)[:, None]    # [T, balls, (x, y)]
+  dropped, wobbly = fall.copy(), fall.copy()
+  dropped[3:, :, 1] += 2.0 / 32
+  wobbly[1::2, :, 1] -= 1.0 / 32
+  plain, jumped, shaken = (physics.chunk_profile(render(c, prompt), prompt, WORLD, 3)
+                           for c in (fall, dropped, wobbly))
+  np.testing.assert_allclose(plain["kink"], [[g, g, g]], atol=0.05)
+  np.testing.assert_allclose(np.diff(plain["velocity"]), [[3 * g, 3 * g]], atol=0.05)
+  np.testing.assert_allclose(plain["drop"], [[0, 0]], atol=0.05)
+  np.testing.assert_allclose(jumped["drop"], [[2, 0]], atol=0.05)
+  np.testing.assert_allclose(jumped["kink"], plain["kink"], atol=0.05)
+  np.testing.assert_allclose(shaken["kink"], [[g + 2, g - 2, g + 2]], atol=0.1)
+  near_walls = physics.chunk_profile(render(fall, prompt), prompt, WORLD, 3, margin_px=8.0)
+  assert np.isnan(near_walls["kink"][0, [0, 2]]).all()       # within 8 px of ceiling / floor
+  assert np.isfinite(near_walls["kink"][0, 1])
   with pytest.raises(ValueError, match="chunk_frames must be >= 3"):
-    physics.chunk_kinks(render(WORLD.simulate(SINGLE[0], 4), SINGLE[0]), SINGLE[0], WORLD, 2)
+    physics.chunk_profile(render(fall, prompt), prompt, WORLD, 2)
 
 
 def test_physics_is_bounded_on_empty_videos_and_rejects_bad_input():

@@ -19,12 +19,14 @@ def test_the_teacher_reads_its_gravity_in_every_chunk_and_the_student_is_profile
   profile = fall_profile.run(config, rollouts=2, batches=1, margin_px=4.0)
   assert profile["rollouts"] == 8                           # 4 prompts x 2 rollouts
   g = 0.8 * config.physics.size / config.physics.fps ** 2   # "normal gravity", px / frame**2
-  teacher = profile["teacher"]
-  read = np.array(teacher["read"]) > 0
+  kink = profile["teacher"]["kink"]
+  read = np.array(kink["read"]) > 0
   assert read.any()
-  np.testing.assert_allclose(np.array(teacher["mean"])[read], g, atol=0.05)
-  assert all(len(profile[w][k]) == 3 for w in ("student", "teacher") for k in teacher)  # 3 chunks
-  assert set(profile["student_chunk_correlation"]) == {"0-1", "0-2", "1-2"}
+  np.testing.assert_allclose(np.array(kink["mean"])[read], g, atol=0.05)
+  for who in ("student", "teacher"):
+    assert {k: len(v["mean"]) for k, v in profile[who].items()} == {"kink": 3, "velocity": 3,
+                                                                    "drop": 2}
+  assert set(profile["student_kink_correlation"]) == {"0-1", "0-2", "1-2"}
 
 
 def test_a_world_without_one_tracked_ball_is_refused():

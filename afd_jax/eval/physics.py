@@ -243,15 +243,22 @@ def video_physics(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld
   return out
 
 
-def chunk_kinks(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld(),
-                chunk_frames: int = 3, margin_px: float = 4.0,
-                tracks: tracking.Tracks | None = None) -> np.ndarray:
-  """``[balls, chunks]``: each ball's vertical second difference inside each chunk (px /
-  frame**2, downward positive; the mean over the chunk's interior frames), what gravity alone
-  makes of a fall: ``prompt_g * H / fps**2`` on any parabola, in every chunk. NaN where the ball
-  is not visible on every frame involved or comes within ``margin_px`` of the floor or ceiling
-  (a bounce would enter). Unlike ``fall_jitter`` it keeps each chunk apart, so the chunks of one
-  video can be compared (is a fast fall a trait of the video, or drawn afresh per chunk?)."""
+def chunk_profile(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld(),
+                  chunk_frames: int = 3, margin_px: float = 4.0,
+                  tracks: tracking.Tracks | None = None) -> dict[str, np.ndarray]:
+  """How each ball moves vertically, chunk by chunk (px and frames, downward positive), read only
+  where it is visible and at least ``margin_px`` from the floor and ceiling (no bounce enters);
+  NaN elsewhere. Unlike ``fall_jitter`` it keeps the chunks apart, so the chunks of one video can
+  be compared and a fall inside chunks told from one made at chunk starts:
+
+  * ``kink [balls, chunks]``: the second difference inside the chunk (mean over its interior
+    frames): ``g = prompt_g * H / fps**2`` on any parabola;
+  * ``velocity [balls, chunks]``: the mean first difference inside the chunk (a parabola's
+    grows by ``chunk_frames * g`` from chunk to chunk);
+  * ``drop [balls, chunks - 1]``: how much farther the ball moves from the last frame of a chunk
+    to the first of the next than the mean of the two chunks' velocities: 0 on a parabola, the
+    size of a jump where a causal student starts the next chunk off the track.
+  """
   video = tracking.check_video(video)
   scene = tracking.as_scene(prompt)
   if chunk_frames < 3:
@@ -260,15 +267,16 @@ def chunk_kinks(video, prompt: str | Scene, world: PhysicsWorld = PhysicsWorld()
   tracks = tracking.track(video, scene, world.radius) if tracks is None else tracks
   h = video.shape[1]
   r = world.radius * h
-  y = tracks.centres[..., 1] * h                                            # [T, balls]
-  ok = tracks.visible & (y >= r + margin_px) & (y <= h - r - margin_px)
-  out = np.full((len(scene.colors), len(y) // chunk_frames), np.nan)
-  for c in range(out.shape[1]):
-    k = np.arange(c * chunk_frames + 1, (c + 1) * chunk_frames - 1)       # interior frames
-    d2 = y[k + 1] - 2 * y[k] + y[k - 1]
-    good = (ok[k - 1] & ok[k] & ok[k + 1]).all(0)
-    out[good, c] = d2[:, good].mean(0)
-  return out
+  y = (tracks.centres[..., 1] * h).T                                        # [balls, T]
+  ok = (tracks.visible.T & (y >= r + margin_px) & (y <= h - r - margin_px))
+  y = np.where(ok, y, np.nan)                                               # NaN spreads
+  chunks = y.shape[1] // chunk_frames
+  by_chunk = y[:, :chunks * chunk_frames].reshape(len(y), chunks, chunk_frames)
+  velocity = np.diff(by_chunk, axis=-1).mean(-1)
+  kink = np.diff(by_chunk, 2, axis=-1).mean(-1)
+  step = by_chunk[:, 1:, 0] - by_chunk[:, :-1, -1]
+  return {"kink": kink, "velocity": velocity,
+          "drop": step - (velocity[:, :-1] + velocity[:, 1:]) / 2}
 
 
 def evaluate(videos, prompts: Sequence[str], world: PhysicsWorld = PhysicsWorld(),

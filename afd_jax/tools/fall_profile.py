@@ -1,14 +1,16 @@
-"""Does a student's ball fall inside its chunks, or only between them? Per-chunk second differences.
+"""Does a student's ball fall inside its chunks, or only between them? Its motion chunk by chunk.
 
     python -m afd_jax.tools.fall_profile --checkpoint=afd_jax/assets/physics_base
 
 Rolls the checkpoint out ``--rollouts`` times on each of ``--batches`` batches of the config's
 training prompts (the demo's world and sampler, ``--config``), tracks the ball in every video and
-reads its vertical second difference inside each chunk, away from the floor and ceiling
-(``afd_jax.eval.physics.chunk_kinks``); the teacher's videos of the same prompts alike. It prints,
-per chunk, the mean and spread of those readings for the student and the teacher (gravity alone
-makes ``g`` px / frame**2 of them), and the correlation between the chunks of one rollout: near
-zero when the in-chunk fall is drawn afresh in every chunk, not a trait of the rollout.
+reads, away from the floor and ceiling, its vertical second difference and velocity inside each
+chunk and its drop at each chunk start (``afd_jax.eval.physics.chunk_profile``); the teacher's
+videos of the same prompts alike. It prints the mean and spread of each per chunk for the student
+and the teacher (on the teacher's parabolas: ``g`` px / frame**2, a velocity growing by
+``chunk_frames * g`` per chunk, no drop), and the correlation of the second differences between
+the chunks of one rollout: near zero when the in-chunk fall is drawn afresh in every chunk, not a
+trait of the rollout.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _summary(kinks: np.ndarray) -> dict:
           "read": seen.mean(0).tolist()}
 
 
+def _summaries(profiles: list[dict]) -> dict:
+  """``{quantity: _summary}`` over the videos' (first ball's) chunk profiles."""
+  return {k: _summary(np.stack([p[k][0] for p in profiles])) for k in profiles[0]}
+
+
 def _correlations(kinks: np.ndarray) -> dict:
   """Pearson correlation of two chunks' readings over the rollouts where both were read."""
   out = {}
@@ -87,14 +94,14 @@ def run(config, rollouts: int, batches: int, margin_px: float) -> dict:
                           context, key_rollout, None, t.frozen["student"])
         x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
         for latents, prompt in zip(x, prompts):
-          student.append(physics.chunk_kinks(t.data.encoder.decode(latents), prompt, world,
-                                             chunk, margin_px)[0])
+          student.append(physics.chunk_profile(t.data.encoder.decode(latents), prompt, world,
+                                               chunk, margin_px))
         for i in ids:
-          teacher.append(physics.chunk_kinks(world.render(t.pool.prompts[i], batch),
-                                             t.pool.prompts[i], world, chunk, margin_px)[0])
-  student, teacher = np.stack(student), np.stack(teacher)
-  return {"student": _summary(student), "teacher": _summary(teacher),
-          "student_chunk_correlation": _correlations(student), "rollouts": len(student)}
+          teacher.append(physics.chunk_profile(world.render(t.pool.prompts[i], batch),
+                                               t.pool.prompts[i], world, chunk, margin_px))
+  kinks = np.stack([p["kink"][0] for p in student])
+  return {"student": _summaries(student), "teacher": _summaries(teacher),
+          "student_kink_correlation": _correlations(kinks), "rollouts": len(student)}
 
 
 def main(argv):
@@ -107,13 +114,14 @@ def main(argv):
                               "--checkpoint=PATH (a Wan checkpoint, e.g. "
                               "afd_jax/assets/physics_base).")
   profile = run(config, _ROLLOUTS.value, _BATCHES.value, _MARGIN.value)
-  print(f"{'px / frame**2, per chunk':28s}{'mean':>24s}{'std':>24s}{'robust std':>24s}")
-  for who in ("student", "teacher"):
-    row = profile[who]
-    cells = ["/".join(f"{v:.2f}" for v in row[k]) for k in ("mean", "std", "robust_std")]
-    print(f"{who:28s}" + "".join(f"{c:>24s}" for c in cells))
-  print("student chunk-to-chunk correlation: " + ", ".join(
-      f"{k}: {v['r']:.2f} ({v['rollouts']})" for k, v in profile["student_chunk_correlation"].items()))
+  print(f"{'per chunk (px, frames)':28s}{'mean':>24s}{'std':>24s}{'robust std':>24s}")
+  for quantity in profile["student"]:
+    for who in ("student", "teacher"):
+      row = profile[who][quantity]
+      cells = ["/".join(f"{v:.2f}" for v in row[k]) for k in ("mean", "std", "robust_std")]
+      print(f"{quantity + ', ' + who:28s}" + "".join(f"{c:>24s}" for c in cells))
+  print("student kink, chunk-to-chunk correlation: " + ", ".join(
+      f"{k}: {v['r']:.2f} ({v['rollouts']})" for k, v in profile["student_kink_correlation"].items()))
   if _OUT.value:
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     Path(_OUT.value).write_text(json.dumps(profile, indent=1) + "\n")
