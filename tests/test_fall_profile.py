@@ -1,11 +1,15 @@
-"""The fall-profile tool on a small random student: the teacher's chunks read its gravity, the
+"""The fall profile (``afd_jax.tools.fall_profile``) on a small random student: the teacher's chunks read its gravity, the
 student's shapes and bookkeeping hold, and a config it cannot track is refused."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from afd_jax import errors
-from afd_jax.tools import fall_profile
+from afd_jax.eval import fall_profile
 from configs import demo, tiny
 from small_config import override
 
@@ -16,7 +20,7 @@ SMALL = {"model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn
 
 def test_the_teacher_reads_its_gravity_in_every_chunk_and_the_student_is_profiled():
   config = override(demo.get_config(), **SMALL)
-  profile = fall_profile.run(config, rollouts=2, batches=1, margin_px=4.0)
+  profile = fall_profile.profile(config, rollouts=2, batches=1, margin_px=4.0)
   assert profile["rollouts"] == 8                           # 4 prompts x 2 rollouts
   g = 0.8 * config.physics.size / config.physics.fps ** 2   # "normal gravity", px / frame**2
   kink = profile["teacher"]["kink"]
@@ -31,4 +35,12 @@ def test_the_teacher_reads_its_gravity_in_every_chunk_and_the_student_is_profile
 
 def test_a_world_without_one_tracked_ball_is_refused():
   with pytest.raises(errors.UserError, match="needs the physics teacher"):
-    fall_profile.run(tiny.get_config(), rollouts=2, batches=1, margin_px=4.0)
+    fall_profile.profile(tiny.get_config(), rollouts=2, batches=1, margin_px=4.0)
+
+
+def test_the_command_refuses_a_missing_checkpoint_in_one_line():
+  run = subprocess.run([sys.executable, "-m", "afd_jax.tools.fall_profile",
+                        "--checkpoint=/nonexistent/ckpt"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True)
+  assert run.returncode == 2 and "does not exist; pass --checkpoint=PATH" in run.stderr
+  assert len(run.stderr.strip().splitlines()) == 1, run.stderr
