@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # configs/, run fr
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from afd_jax import errors  # noqa: E402
+from afd_jax import errors, tools  # noqa: E402
 from afd_jax.eval.fall_profile import profile as fall_profile  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "The physics world, "
@@ -37,12 +37,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the profile here as JSON (optional)
 def main(argv):
   del argv
   config = _CONFIG.value
-  if _CHECKPOINT.value:
-    config.model.checkpoint = _CHECKPOINT.value
-  if not config.model.checkpoint or not Path(config.model.checkpoint).exists():
-    raise errors.MissingInput(f"checkpoint {config.model.checkpoint!r} does not exist; pass "
-                              "--checkpoint=PATH (a Wan checkpoint, e.g. "
-                              "afd_jax/assets/physics_base).")
+  config.model.checkpoint = tools.checkpoint_path(_CHECKPOINT.value, config)
   profile = fall_profile(config, _ROLLOUTS.value, _BATCHES.value, _MARGIN.value)
   print(f"{'per chunk (px, frames)':28s}{'mean':>24s}{'std':>24s}{'robust std':>24s}")
   for quantity in profile["student"]:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # configs/, run fr
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from afd_jax import errors  # noqa: E402
+from afd_jax import errors, tools  # noqa: E402
 from afd_jax.eval.word_sensitivity import measure  # noqa: E402
 from afd_jax.models import wan  # noqa: E402
 from afd_jax.teachers import physics  # noqa: E402
@@ -39,10 +39,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the table here as JSON (optional)."
 def main(argv):
   del argv
   config = _CONFIG.value
-  path = _CHECKPOINT.value or config.model.checkpoint
-  if not path or not Path(path).exists():
-    raise errors.MissingInput(f"checkpoint {path!r} does not exist; pass --checkpoint=PATH (a "
-                              "Wan checkpoint, e.g. afd_jax/assets/physics_base).")
+  path = tools.checkpoint_path(_CHECKPOINT.value, config)
   if config.data.teacher != "physics" or config.data.text_encoder != "tiny":
     raise errors.UserError("word_sensitivity changes physics-grammar words: it needs a config "
                            "with data.teacher='physics' and the tiny text encoder (e.g. "
