@@ -163,7 +163,8 @@ def validate(config: ml_collections.ConfigDict):
                     "prompt is not zero, so use 0 and 1 with umT5 contexts")
   if config.afd.oracle_score not in ORACLE_SCORES:
     problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
-                    f"{ORACLE_SCORES} (the physics score, one of its terms or a gravity gap)")
+                    f"{ORACLE_SCORES} (the physics score, one of its terms, a gravity gap or "
+                    "the fall's jitter)")
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")
