@@ -118,6 +118,20 @@ def test_sharded_afd_steps_match_one_device(single_device, axes, tmp_path):
   assert_same_run(ref_state, state, c)
 
 
+def test_sharded_per_chunk_discriminator_matches_one_device(tmp_path):
+  """``disc.per_chunk``: the block-causal trunk and the ``[B, chunks]`` advantages, sequence-
+  sharded over the context axis and parameter-sharded over tensor, against one device."""
+  per_chunk = {"disc.per_chunk": True}
+  ref_state, ref_metrics = _two_iterations(config(**per_chunk), tmp_path / "one")
+  c = config(**per_chunk, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.context": 2,
+                             "mesh.tensor": 2})
+  state, metrics = _two_iterations(c, tmp_path / "eight")
+  for x, y in zip(ref_metrics, metrics):
+    for key in ("disc/bt_loss", "nft/loss", "student/loss", "adv/raw_std"):
+      np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-6, err_msg=key)
+  assert_same_run(ref_state, state, c)
+
+
 def test_sharded_lora_steps_match_one_device(tmp_path):
   """LoRA on the student and the discriminator's trunk: adapters sharded from their kernels'
   rules (A on the input axes, B on the output axis), the frozen bases by theirs."""
