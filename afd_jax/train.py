@@ -76,6 +76,7 @@ class Trainer:
     self.diagnose = (self.data.physics_world is not None
                      and self.method in (*methods.NFT, "gan"))
     self._diagnostics: list = []
+    self._teacher_speeds: dict[int, float] = {}   # prompt id -> the teacher's ball speed
 
   # -- data ------------------------------------------------------------------------------------
 
@@ -222,18 +223,26 @@ class Trainer:
                                         self.config.seed), self.config.afd.group_size)
 
   def rollout_physics(self, latents, ids) -> dict[str, np.ndarray]:
-    """Per-video ``physics_error``, its terms, the gravity gaps and ``fall_jitter`` of rollouts (a
-    global array) for prompts ``ids``, measured by ``afd_jax.eval`` on the decoded pixels (every
-    host computes all)."""
+    """Per-video ``physics_error``, its terms, the gravity gaps, ``fall_jitter`` and the speed
+    gap (``|speed / teacher's speed - 1|``, the teacher's rendered for the same prompt) of
+    rollouts (a global array) for prompts ``ids``, measured by ``afd_jax.eval`` on the decoded
+    pixels (every host computes all)."""
+    from afd_jax.eval import motion
     from afd_jax.eval import physics as eval_physics
+    world, prompts = self.data.physics_world, [self.pool.prompts[i] for i in ids]
     x = np.asarray(multihost_utils.process_allgather(latents, tiled=True))
     videos = np.stack([self.data.encoder.decode(v) for v in x])
-    rows, _ = eval_physics.evaluate(videos, [self.pool.prompts[i] for i in ids],
-                                    self.data.physics_world, self.config.rollout.chunk_frames)
+    rows, _ = eval_physics.evaluate(videos, prompts, world, self.config.rollout.chunk_frames)
     out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
     for gap, ratio in methods.GRAVITY_GAPS.items():   # NaN where no ball flew three frames
       out[gap] = np.abs(np.array([row[ratio] for row in rows]) - 1.0)
     out["fall_jitter"] = np.array([row["fall_jitter"] for row in rows])
+    for i, prompt in zip(ids, prompts):
+      if i not in self._teacher_speeds:
+        self._teacher_speeds[i] = motion.video_speed(world.render(prompt, 0), prompt, world)
+    speed = np.array([motion.video_speed(v, p, world) for v, p in zip(videos, prompts)])
+    out["speed_gap"] = np.abs(speed / np.maximum([self._teacher_speeds[i] for i in ids], 1e-6)
+                              - 1.0)
     return out
 
   def _meta(self, step):

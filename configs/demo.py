@@ -1,8 +1,8 @@
 """The physics demo: AFD in miniature on 2 CPU cores.
 
-A small causal Wan student (3 blocks, width 128) generates 9-frame (3 chunks of 3), 24x24 videos
-of one bouncing ball (pixels as latents: 2x2 pixel blocks become 12 channels) from prompts of the
-physics grammar, in four denoising steps per chunk with Self-Forcing's KV-cache sampler. Its base
+A small causal Wan student (3 blocks, width 128) generates 9-frame, 24x24 videos of one bouncing
+ball (pixels as latents: 2x2 pixel blocks become 12 channels) from prompts of the physics grammar,
+frame by frame, in four denoising steps per frame with Self-Forcing's KV-cache sampler. Its base
 checkpoint was made as the paper's students were: a flow-matching model of a world it knows only
 imperfectly (each video's gravity and bounciness scaled by a random factor), distilled by DMD
 into a few-step causal student that renders balls well and moves them wrongly. AFD then distils
@@ -42,6 +42,10 @@ def get_config(variant: str = ""):
   c.rollout.denoising_steps = (1000.0, 750.0, 500.0, 250.0)
   c.rollout.shift = 1.0
   c.rollout.sampler = "renoise"
+  # Frame by frame (chunks of one latent frame), as Self-Forcing's frame-wise student: with three
+  # frames per chunk no network of this size made the ball fall inside a chunk (it wobbles there),
+  # so no update could teach that part of gravity (docs/results/what_limits_afd.md, 9 to 11).
+  c.rollout.chunk_frames = 1
   c.afd.nft_passes = 2
 
   c.data.teacher = "physics"
@@ -64,7 +68,9 @@ def get_config(variant: str = ""):
   # The base renders imperfect balls that a fresh discriminator tells apart in a few steps; strong
   # pair-shared noise augmentation and a slower discriminator keep its ranking informative.
   c.afd.disc_tau_max = 0.3
-  c.optim.student.lr = 5e-5
+  # At 5e-5 the frame-wise student's gravity overshoots or collapses after ~40 iterations (three
+  # seeds); at 2e-5 it rises steadily over 120 (what_limits_afd.md, section 11).
+  c.optim.student.lr = 2e-5
   c.optim.disc.lr = 3e-5
   # The discriminator wins on the base's blotchy appearance; without a real pull toward the base
   # (DiffusionNFT's 1e-4 is negligible here) the student trades Frechet for physics. At 0.1 both
@@ -109,7 +115,7 @@ def get_config(variant: str = ""):
     c.optim.student.lr = 1e-4
     c.optim.critic.lr = 1e-4
     c.afd.ema_decay = 0.99
-    c.train.num_steps = 3000
+    c.train.num_steps = 1000
     c.train.log_every = 100
     c.train.checkpoint_every = 500
     c.train.eval_every = 1000

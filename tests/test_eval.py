@@ -364,6 +364,8 @@ def test_report_table_grid_and_curves(teacher, tmp_path):
   table = report.format_table(results)
   row = next(line for line in table.splitlines() if line.startswith("physics_error"))
   assert row.split()[2].endswith("*") and not row.split()[3].endswith("*")   # teacher best
+  unread = {s: dict(m, fall_jitter=float("nan")) for s, m in results.items()}
+  assert "fall_jitter" in table and "fall_jitter" not in report.format_table(unread)
   grid = report.sample_grid({"teacher": teacher[:3], "base": wrong[:3]}, scale=2)
   assert grid.dtype == np.uint8 and grid.shape[0] == teacher.shape[1]
   assert grid.shape[1] == 2 * (64 + 2) + 2 and grid.shape[2] > 3 * (64 + 2)

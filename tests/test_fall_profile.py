@@ -15,6 +15,7 @@ from small_config import override
 
 SMALL = {"model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
          "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
+         "rollout.chunk_frames": 3,
          "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1}
 
 
@@ -33,9 +34,11 @@ def test_the_teacher_reads_its_gravity_in_every_chunk_and_the_student_is_profile
   assert set(profile["student_kink_correlation"]) == {"0-1", "0-2", "1-2"}
 
 
-def test_a_world_without_one_tracked_ball_is_refused():
+def test_a_world_without_one_tracked_ball_or_a_frame_wise_student_is_refused():
   with pytest.raises(errors.UserError, match="needs the physics teacher"):
     fall_profile.profile(tiny.get_config(), rollouts=2, batches=1, margin_px=4.0)
+  with pytest.raises(errors.UserError, match="--config.rollout.chunk_frames=3"):
+    fall_profile.profile(demo.get_config(), rollouts=2, batches=1, margin_px=4.0)
 
 
 def test_the_command_refuses_a_missing_checkpoint_in_one_line():

@@ -72,10 +72,11 @@ def test_claims_and_page(tmp_path, monkeypatch):
   assert "does not beat it" not in lines[3]
   out = tmp_path / "page" / "physics.md"
   T.write_page(results, diagnostics, SEEDS, 7, 900.0, out, "python -m the-command",
-               T.world_sentence(("normal",)))
+               T.world_sentence(("normal",), 1))
   page = out.read_text()
   assert "python -m the-command" in page and "15 training runs, 15 minutes" in page
   assert 'every prompt says "normal gravity"' in page and "DMD" in page
+  assert "frame by frame (`rollout.chunk_frames=1`)" in page
   assert "Not run for this page" in page and "`afd_oracle`" in page
   assert (out.parent / "physics_accel_error.png").stat().st_size > 0
 
@@ -91,3 +92,4 @@ def test_the_command_writes_the_page_from_finished_runs(tmp_path, monkeypatch):
   assert done.returncode == 0, done.stderr[-2000:]
   assert "--only=sft,gan,afd --steps=7" in out.read_text()
   assert 'every prompt says "normal gravity"' in out.read_text()   # the demo's world
+  assert "frame by frame" in out.read_text()

@@ -199,6 +199,32 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
 
 
+def test_rollout_physics_reads_the_speed_gap_to_the_teacher(tmp_path):
+  """The diagnostics' ``speed_gap``: 0 for the teacher's own video of the prompt, 1 for a ball
+  that stands still, and for a slowed video (its first half, each frame twice) one minus its
+  speed over the teacher's for that prompt."""
+  from configs import demo
+  cfg = override(demo.get_config(), **{
+      "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
+      "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "data.batch_size": 4,
+      "data.num_eval_prompts": 4, "mesh.num_devices": 1, "train.checkpoint_every": 0})
+  cfg.mode = "train"
+  trainer = train.Trainer(cfg, tmp_path)
+  ids = trainer.step_ids(0)[:3]
+  world = trainer.data.physics_world
+  own, still, slow = (world.render(trainer.pool.prompts[i], 0) for i in ids)
+  still = np.repeat(still[:1], len(still), 0)
+  slow = slow[np.arange(len(slow)) // 2]               # every frame twice: half the speed
+  latents = np.stack([trainer.data.encoder.encode(v) for v in (own, still, slow)])
+  gap = trainer.rollout_physics(latents, ids)["speed_gap"]
+  assert gap[0] == pytest.approx(0.0, abs=1e-6) and gap[1] == pytest.approx(1.0)
+  from afd_jax.eval import motion
+  prompt = trainer.pool.prompts[ids[2]]
+  half = motion.video_speed(slow, prompt, world) / motion.video_speed(
+      world.render(prompt, 0), prompt, world)
+  assert gap[2] == pytest.approx(1.0 - half, rel=1e-5) and half < 0.7
+
+
 def test_a_per_chunk_discriminator_gives_each_chunk_its_own_r(tmp_path):
   """``disc.per_chunk``: the discriminator scores every chunk's prefix, the student step gets
   ``r [B, chunks]`` from those logits column by column, the diagnostics pool one advantage per
@@ -210,9 +236,9 @@ def test_a_per_chunk_discriminator_gives_each_chunk_its_own_r(tmp_path):
   cfg = override(demo.get_config(), **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "disc.per_chunk": True,
-      "rollout.denoising_steps": (1000.0, 500.0), "afd.nft_passes": 1, "data.batch_size": 4,
-      "data.num_eval_prompts": 4, "mesh.num_devices": 1, "train.num_steps": 1,
-      "train.checkpoint_every": 0})
+      "rollout.chunk_frames": 3, "rollout.denoising_steps": (1000.0, 500.0), "afd.nft_passes": 1,
+      "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
+      "train.num_steps": 1, "train.checkpoint_every": 0})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)
   seen, disc, student = {}, trainer.fns.disc, trainer.fns.student

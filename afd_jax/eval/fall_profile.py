@@ -55,6 +55,11 @@ def profile(config, rollouts: int, batches: int, margin_px: float) -> dict:
   if config.data.teacher != "physics" or config.physics.max_balls != 1:
     raise errors.UserError("fall_profile tracks one ball per video: it needs the physics teacher "
                            "with physics.max_balls=1 (e.g. configs/demo.py).")
+  if config.rollout.chunk_frames < 3:
+    raise errors.UserError(
+        f"fall_profile reads the fall inside chunks, which needs rollout.chunk_frames >= 3 (got "
+        f"{config.rollout.chunk_frames}: a frame-wise student's fall is read over whole videos "
+        "by afd_jax.eval). Profile a chunk-wise student with --config.rollout.chunk_frames=3.")
   with tempfile.TemporaryDirectory() as workdir:
     t = train.Trainer(config, workdir)
     world, chunk = t.data.physics_world, config.rollout.chunk_frames

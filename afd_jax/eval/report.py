@@ -75,8 +75,9 @@ def _video_metrics(video, prompt: str, world: PhysicsWorld, chunk_frames: int) -
 
 
 def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
-  """A plain-text table: one row per metric (``BETTER`` order, then any others), one column per
-  system; ``*`` marks the best system on each row that has a direction."""
+  """A plain-text table: one row per metric (``BETTER`` order, then any others) that some system
+  measured (not NaN: a frame-wise student has no in-chunk readings), one column per system;
+  ``*`` marks the best system on each row that has a direction."""
   systems = list(report)
   if not systems:
     raise errors.UserError("format_table needs at least one system's metrics.")
@@ -86,7 +87,9 @@ def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
   for key in keys:
     values = [report[s].get(key) for s in systems]
     better = BETTER.get(key, "")
-    known = [v for v in values if v is not None]
+    known = [v for v in values if v is not None and not np.isnan(v)]
+    if not known:
+      continue
     best = ({"lower": min, "higher": max}[better](known) if better in ("lower", "higher")
             else min(known, key=lambda v: abs(v - 1.0)) if better == "one" and known else None)
     cells = ["-" if v is None else f"{v:.4g}" + ("*" if len(known) > 1 and v == best else "")

@@ -1,6 +1,9 @@
 """Does a student's ball fall inside its chunks, or only between them? Its motion chunk by chunk.
 
-    python -m afd_jax.tools.fall_profile --checkpoint=afd_jax/assets/physics_base
+    python -m afd_jax.tools.fall_profile --checkpoint=CKPT --config.rollout.chunk_frames=3
+
+(a chunk-wise student: the shipped demo base generates frame by frame, where there is no inside
+of a chunk to read).
 
 Prints, per chunk, the mean and spread of the ball's vertical second difference and velocity
 inside each chunk and its drop at each chunk start, over ``--rollouts`` rollouts of each of

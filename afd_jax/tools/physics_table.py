@@ -57,9 +57,10 @@ HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", 
             "speed_ratio", "sharpness_ratio", "visibility")
 GAINS = ("physics_error", "accel_error", "gravity_ratio", "gravity_ratio_in_chunks", "fall_jitter",
          "accel_x_error", "bounce_error", "penetration", "chunk_jump", "frechet_distance",
-         "dynamic_degree")
+         "dynamic_degree", "speed_ratio")
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
-               "diag/spearman_bounce_error", "disc/accuracy", "r/saturated_frac",
+               "diag/spearman_accel_x_error", "diag/spearman_bounce_error",
+               "diag/spearman_speed_gap", "disc/accuracy", "r/saturated_frac",
                "probe/gravity_word", "probe/color_word", "probe/half_gravity")
 
 
@@ -174,13 +175,15 @@ def claims(results) -> list[str]:
   return out
 
 
-def world_sentence(gravity_words) -> str:
-  """What the prompts ask of gravity, for the page's opening."""
+def world_sentence(gravity_words, chunk_frames: int) -> str:
+  """What the prompts ask of gravity and how the student rolls out, for the page's opening."""
   words = list(gravity_words)
+  rollout = ("The student generates frame by frame (`rollout.chunk_frames=1`). " if chunk_frames == 1
+             else f"The student generates chunks of {chunk_frames} latent frames. ")
   if len(words) == 1:
     return (f"Gravity is a law of this world: every prompt says \"{words[0]} gravity\" "
-            "(`physics.gravity_words`). ")
-  return f"Prompts ask for {', '.join(words)} gravity (`physics.gravity_words`). "
+            f"(`physics.gravity_words`). {rollout}")
+  return f"Prompts ask for {', '.join(words)} gravity (`physics.gravity_words`). {rollout}"
 
 
 def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, command: str,
@@ -194,8 +197,9 @@ def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, co
       f"| {s} | {' | '.join(_fmt(results[s][k]) if k in results[s] else '-' for k in keys)} |"
       for s in names]
   trained = [s for s in names if s in SYSTEMS]
-  gains = [f"| system | {' | '.join(GAINS)} |", "|---" * (len(GAINS) + 1) + "|"] + [
-      f"| {s} | {' | '.join(_fmt(_paired(results, s, k)) for k in GAINS)} |" for s in trained]
+  gain_keys = [k for k in GAINS if k in metrics]   # frame-wise students have no in-chunk readings
+  gains = [f"| system | {' | '.join(gain_keys)} |", "|---" * (len(gain_keys) + 1) + "|"] + [
+      f"| {s} | {' | '.join(_fmt(_paired(results, s, k)) for k in gain_keys)} |" for s in trained]
   diag = [f"| system | {' | '.join(DIAGNOSTICS)} |", "|---" * (len(DIAGNOSTICS) + 1) + "|"] + [
       f"| {s} | {' | '.join(_fmt(diagnostics[s][k]) if k in diagnostics.get(s, {}) else '-' for k in DIAGNOSTICS)} |"
       for s in trained if s in diagnostics]
@@ -240,9 +244,11 @@ def write_page(results, diagnostics, seeds, steps, seconds: float, out: Path, co
       "## What the discriminators rewarded",
       "",
       "Per logged step, the Spearman rank correlation between each rollout's advantage (GAN: its "
-      "paired score) and its negated physics error (and two of its parts), averaged over the "
-      "run, then mean ± std over seeds; the discriminator's accuracy and the fraction of "
-      "saturated r. The oracle's correlation is 1 by construction.",
+      "paired score) and its negated physics error, three of its parts and the negated speed "
+      "gap (`|speed / teacher's speed - 1|`, the teacher's for the same prompt), averaged over "
+      "the run, then mean ± std over seeds (positive: the advantage favours the rollouts closer "
+      "to the teacher); the discriminator's accuracy and the fraction of saturated r. The "
+      "oracle's correlation with `physics_error` is 1 by construction.",
       "",
       *diag,
       "",
@@ -291,7 +297,7 @@ def main(argv):
                     "and gan.", f.out)
     return
   write_page(results, diagnostics, seeds, steps, seconds, Path(f.out), command,
-             world_sentence(demo.physics.gravity_words))
+             world_sentence(demo.physics.gravity_words, demo.rollout.chunk_frames))
   print(Path(f.out).read_text())
 
 
