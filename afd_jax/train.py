@@ -227,12 +227,14 @@ class Trainer:
     gap (``|speed / teacher's speed - 1|``, the teacher's rendered for the same prompt) of
     rollouts (a global array) for prompts ``ids``, measured by ``afd_jax.eval`` on the decoded
     pixels (every host computes all)."""
-    from afd_jax.eval import motion
+    from afd_jax.eval import motion, tracking
     from afd_jax.eval import physics as eval_physics
     world, prompts = self.data.physics_world, [self.pool.prompts[i] for i in ids]
     x = np.asarray(multihost_utils.process_allgather(latents, tiled=True))
-    videos = np.stack([self.data.encoder.decode(v) for v in x])
-    rows, _ = eval_physics.evaluate(videos, prompts, world, self.config.rollout.chunk_frames)
+    videos = [self.data.encoder.decode(v) for v in x]
+    tracks = [tracking.track(v, p, world.radius) for v, p in zip(videos, prompts)]  # once each
+    rows = [eval_physics.video_physics(v, p, world, self.config.rollout.chunk_frames, tracks=t)
+            for v, p, t in zip(videos, prompts, tracks)]
     out = {k: np.array([row[k] for row in rows]) for k in ("physics_error", *eval_physics.TERMS)}
     for gap, ratio in methods.GRAVITY_GAPS.items():   # NaN where no ball flew three frames
       out[gap] = np.abs(np.array([row[ratio] for row in rows]) - 1.0)
@@ -240,7 +242,8 @@ class Trainer:
     for i, prompt in zip(ids, prompts):
       if i not in self._teacher_speeds:
         self._teacher_speeds[i] = motion.video_speed(world.render(prompt, 0), prompt, world)
-    speed = np.array([motion.video_speed(v, p, world) for v, p in zip(videos, prompts)])
+    speed = np.array([motion.video_speed(v, p, world, tracks=t)
+                      for v, p, t in zip(videos, prompts, tracks)])
     out["speed_gap"] = np.abs(speed / np.maximum([self._teacher_speeds[i] for i in ids], 1e-6)
                               - 1.0)
     return out

@@ -91,7 +91,7 @@ def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
     if not known:
       continue
     best = ({"lower": min, "higher": max}[better](known) if better in ("lower", "higher")
-            else min(known, key=lambda v: abs(v - 1.0)) if better == "one" and known else None)
+            else min(known, key=lambda v: abs(v - 1.0)) if better == "one" else None)
     cells = ["-" if v is None else f"{v:.4g}" + ("*" if len(known) > 1 and v == best else "")
              for v in values]
     rows.append([key, better, *cells])

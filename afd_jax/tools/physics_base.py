@@ -11,7 +11,7 @@
    stand-in for Self-Forcing / Causal-Forcing: sharp in four steps, wrong in motion).
 
 Both stages generate frame by frame (``rollout.chunk_frames=1``), as the frame-wise Self-Forcing
-student does: about 40 + 10 minutes on 2 cores.
+student does: 47 + 13 minutes on 2 cores (2026-12-06).
 
 The DMD student is what AFD and the baselines start from. Each stage trains in its own folder
 under ``--workdir`` (checkpointed; run the command again to resume) and exports its EMA
