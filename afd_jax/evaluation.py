@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from afd_jax import data as data_lib
 from afd_jax import mesh as mesh_lib
+from afd_jax import methods
 from afd_jax import video
 
 SEED = 10**6  # evaluation noise and teacher samples: never used by training
@@ -27,13 +28,14 @@ class Evaluator:
     self.config, self.data, self.pool = config, data, data.pool
     self.rollout, self.noise = rollout, noise
     self.mesh, self.batch_sharding = mesh, mesh_lib.batch_sharding(mesh)
-    self.batch_size = config.data.batch_size
+    self.batch_size, self.rows = config.data.batch_size, methods.rollout_rows(config)
     self.workdir = Path(workdir)
 
   def sample(self, params, ids, seed: int) -> np.ndarray:
     """Student rollouts ``[len(ids), F, h, w, C]`` (numpy, on every host) for global prompt
-    ``ids``, in batches of the training batch size (the rollout compiled for training)."""
-    n = self.batch_size  # whatever the group size: the same samples for every method
+    ``ids``, in batches of the training rollout's rows (its compiled program): methods with as
+    many rollouts per iteration (``batch_size x afd.group_size``) see the same noise."""
+    n = self.rows
     padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % n)])
     out = []
     with jax.set_mesh(self.mesh):

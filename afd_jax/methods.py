@@ -19,6 +19,7 @@ from afd_jax import rollout as rollout_lib
 from afd_jax import steps
 from afd_jax import teachers
 from afd_jax.eval import physics as eval_physics
+from afd_jax.models import discriminator as disc_lib
 from afd_jax.models import wan
 
 if TYPE_CHECKING:   # configs are ConfigDicts; the steps and programs import without ml_collections
@@ -90,6 +91,13 @@ def validate(config: ml_collections.ConfigDict):
                     "teacher videos, not on rollouts; use 1")
   if config.disc.loss not in losses.DISC_LOSSES:
     problems.append(f"config.disc.loss={config.disc.loss!r} is not one of {losses.DISC_LOSSES}")
+  if config.disc.input not in disc_lib.INPUTS:
+    problems.append(f"config.disc.input={config.disc.input!r} is not one of {disc_lib.INPUTS}")
+  lead = config.afd.disc_lead_steps
+  if lead and (config.method not in ("afd", "afd_frozen_disc")
+               or not 0 < lead < config.train.num_steps):
+    problems.append(f"config.afd.disc_lead_steps={lead}: the discriminator's head start needs "
+                    "'afd' or 'afd_frozen_disc' and 0 <= it < config.train.num_steps")
   if config.afd.exit_step not in ("random", "last"):
     problems.append(f"config.afd.exit_step={config.afd.exit_step!r} must be 'random' (Self-"
                     "Forcing) or 'last'")

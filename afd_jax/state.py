@@ -50,6 +50,7 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
   cfg = disc_lib.DiscriminatorConfig(readout_layers=tuple(config.disc.readout_layers),
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
                                      freeze_below=config.disc.freeze_below,
+                                     input=config.disc.input,
                                      chunk_frames=(config.rollout.chunk_frames
                                                    if config.disc.per_chunk else 0))
   path, seed = config.disc.checkpoint, config.seed + 1

@@ -144,6 +144,8 @@ class Trainer:
     clock.lap("score", r)
     if self.diagnose:
       self._diagnostics.append((np.asarray(adv), physics))
+    if step < self.config.afd.disc_lead_steps:  # the discriminator's head start: no student step
+      return metrics
     if step == self.config.debug.nan_at_step:
       x_student = x_student * jnp.nan
     state["student"], state["old"], student_metrics = self.fns.student(

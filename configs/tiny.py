@@ -46,6 +46,7 @@ def get_config():
   c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
   c.disc.mismatch_weight = 0.0         # > 0: also rank teacher videos above the nearest other
                                        # prompt's under their own prompt (0: the paper's recipe)
+  c.disc.input = "video"               # video | motion: the frame-to-frame change (what moves)
   c.disc.per_chunk = False             # True: block-causal trunk, one logit per chunk prefix and a
                                        # per-chunk advantage (afd_method.md 6.6; False: the paper's)
 
@@ -102,6 +103,8 @@ def get_config():
   c.afd.ema_decay = 0.99
   c.afd.ema_start = 0
   c.afd.old_decay_type = 1
+  c.afd.disc_lead_steps = 0            # the first iterations train only the discriminator (its
+                                       # head start on the starting student's rollouts)
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through

@@ -26,6 +26,25 @@ def test_logits_depend_on_video_and_prompt(disc, inputs):
   assert float(jnp.abs(fwd(latents, t, context[::-1]) - logits).max()) > 1e-4
 
 
+def test_a_motion_discriminator_reads_only_what_changes_between_frames(tiny_model, inputs):
+  """``input="motion"``: adding one still image to every frame (a background, a brightness)
+  leaves the logits as they were, and so does shifting the whole video by one constant, while
+  moving one frame changes them; the frame discriminator sees the still image."""
+  latents, context = inputs
+  motion = jitted(randomize(D.init(tiny_model, D.DiscriminatorConfig((1, 0), 96, input="motion"),
+                                   seed=1), seed=3))
+  t = jnp.array([0.0, 200.0])
+  still = jax.random.normal(jax.random.key(5), latents[:, :1].shape)
+  logits = motion(latents, t, context)
+  np.testing.assert_allclose(motion(latents + still, t, context), logits, atol=1e-5)
+  np.testing.assert_allclose(motion(latents - 0.3, t, context), logits, atol=1e-5)
+  assert float(jnp.abs(motion(latents.at[:, 2].add(0.5), t, context) - logits).min()) > 1e-4
+  video = jitted(randomize(D.init(tiny_model, D.DiscriminatorConfig((1, 0), 96), seed=1), seed=3))
+  assert float(jnp.abs(video(latents + still, t, context) - video(latents, t, context)).min()) > 1e-4
+  with pytest.raises(ValueError, match="disc input 'flow' is not one of"):
+    D.init(tiny_model, D.DiscriminatorConfig((0,), 96, input="flow"))
+
+
 def test_a_per_chunk_discriminator_judges_each_prefix_by_itself(tiny_model, inputs):
   """``chunk_frames=3`` (two chunks here): one logit per chunk, chunk c's computed from frames
   < 3 (c + 1) alone (equal to the logit of that prefix given as the whole video), so changing

@@ -59,6 +59,16 @@ def test_runs_resume_sum_their_times_and_score_teacher_and_base_once(tmp_path, m
     T.run_all(tmp_path, SEEDS, NAMES, 7)
 
 
+def test_every_system_rolls_out_as_many_videos_and_is_evaluated_on_the_same_noise():
+  """The K-row trains K rollouts of each of 1/K as many prompts, so every on-policy system rolls
+  out (and evaluates in batches of) the same number of videos as AFD with K = 1."""
+  from afd_jax import methods
+  rows = {name: methods.rollout_rows(T.config(0, name, 5)) for name in T.SYSTEMS}
+  assert set(rows.values()) == {8}
+  k = T.config(0, f"afd_k{T.GROUP}", 5)
+  assert (k.afd.group_size, k.data.batch_size, k.train.num_steps) == (T.GROUP, 8 // T.GROUP, 5)
+
+
 def test_claims_and_page(tmp_path, monkeypatch):
   monkeypatch.setattr(T.experiment, "run", _fake_run([]))
   results, diagnostics, _ = T.run_all(tmp_path / "runs", SEEDS, NAMES, 7)

@@ -64,6 +64,8 @@ def _run(workdir, **overrides):
     ("data.height", 5, "must be even"),
     ("afd.group_size", 0, "group_size"),
     ("disc.loss", "hinge", "disc.loss"),
+    ("disc.input", "flow", "disc.input='flow' is not one of"),
+    ("afd.disc_lead_steps", 5, "disc_lead_steps=5: the discriminator's head start needs"),
     ("afd.exit_step", "first", "exit_step"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
@@ -135,10 +137,31 @@ def test_per_chunk_scores_need_a_discriminator():
     methods.validate(small_config(method="sft", **{"disc.per_chunk": True}))
 
 
+def test_the_discriminators_head_start_trains_it_alone(tmp_path):
+  """``afd.disc_lead_steps=1``: iteration 0 rolls out and trains the discriminator only, the
+  student (and its optimizer) untouched; iteration 1 updates both. Only AFD's discriminator can
+  lead."""
+  trainer = train.Trainer(small_config(**{"afd.disc_lead_steps": 1}), tmp_path)
+  copy = lambda name: jax.tree.map(np.array, trainer.state[name]["params"])
+  changed = lambda a, b: max(float(np.abs(x - np.asarray(y)).max())
+                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  student, disc = copy("student"), copy("disc")
+  with jax.set_mesh(trainer.mesh):
+    metrics = trainer._iteration(0, trainer._host_batch(0))
+    assert changed(student, trainer.state["student"]["params"]) == 0.0
+    assert changed(disc, trainer.state["disc"]["params"]) > 0.0
+    assert "disc/accuracy" in metrics and "nft/loss" not in metrics
+    metrics = trainer._iteration(1, trainer._host_batch(1))
+  assert changed(student, trainer.state["student"]["params"]) > 0.0 and "nft/loss" in metrics
+  with pytest.raises(errors.UserError, match="disc_lead_steps=1: the discriminator's head start"):
+    methods.validate(small_config(method="gan", **{"afd.disc_lead_steps": 1}))
+
+
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   """K = 2 rollouts per prompt: rows 2i and 2i+1 share prompt i's text and each is paired with
   its own teacher draw (draw 0 is the one K = 1 reads); the discriminator, the advantage and the
-  student step run on 2 B rows, and evaluation still samples B prompts at a time."""
+  student step run on 2 B rows, and evaluation samples 2 B prompts at a time: K = 2 with B / 2
+  prompts evaluates on the very noise K = 1 with B prompts does (the table's paired gains)."""
   cfg = small_config(**{"afd.group_size": 2, "data.batch_size": 4, "train.num_steps": 1,
                         "train.checkpoint_every": 0})
   trainer = train.Trainer(cfg, tmp_path / "k2")
@@ -151,6 +174,10 @@ def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   np.testing.assert_array_equal(context[0::2], single_context)
   np.testing.assert_array_equal(teacher[0::2], single_teacher)
   np.testing.assert_array_equal(trainer.step_ids(0), np.repeat(one.step_ids(0), 2))
+  half = train.Trainer(small_config(**{"afd.group_size": 2, "data.batch_size": 2}), tmp_path / "h")
+  ids, params = one.evaluator.eval_ids(), one.state["student"]["ema"]
+  np.testing.assert_array_equal(half.evaluator.sample(params, ids, 7),
+                                one.evaluator.sample(params, ids, 7))
   summary = trainer.run()
   assert np.isfinite(summary["nft/loss"]) and "eval/property_gap" in summary
 

@@ -11,6 +11,11 @@ that many latent frames and each register reads every chunk's prefix: one logit 
 ``[B, C]``, where chunk ``c``'s logit judges frames ``< (c + 1) * chunk_frames`` and nothing
 after them, so a chunk that breaks from its past (a jump at its boundary) is scored where it
 happens.
+
+With ``input="motion"`` the trunk reads the frame-to-frame change of its input (the first frame's
+change is zero) instead of the frames: what stays still in a video, its background, brightness
+and the look of its objects where they do not move, is no longer there to tell teacher from
+student, so the ranking is left to how things move (``docs/results/what_limits_afd.md``, 13).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from afd_jax.models import attention as attn_lib
 from afd_jax.models import wan
 
 
+INPUTS = ("video", "motion")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiscriminatorConfig:
   readout_layers: tuple[int, ...] = (13, 21, 29)  # trunk blocks (0-indexed) read by registers
@@ -33,6 +41,7 @@ class DiscriminatorConfig:
   freeze_below: int = 0                            # blocks < this get no gradient; 0 = none
   head_eps: float = 1e-5
   chunk_frames: int = 0                            # > 0: one logit per chunk prefix (block-causal)
+  input: str = "video"                             # video | motion (frame-to-frame change)
 
   def validate(self, trunk: wan.WanConfig):
     layers = self.readout_layers
@@ -45,6 +54,8 @@ class DiscriminatorConfig:
                        "(readouts above a frozen block still need their inputs).")
     if self.chunk_frames < 0:
       raise errors.UserError(f"chunk_frames={self.chunk_frames} must be >= 0 (0: one logit per video).")
+    if self.input not in INPUTS:
+      raise errors.UserError(f"disc input {self.input!r} is not one of {INPUTS}.")
 
 
 class ReadoutBlock(nnx.Module):
@@ -96,6 +107,8 @@ class Discriminator(nnx.Module):
     """Logits ``[B]`` (``[B, C]`` per chunk prefix with ``chunk_frames``) for clean (or lightly
     noised, ``timesteps = 1000 tau``) latents."""
     f = self.config.chunk_frames
+    if self.config.input == "motion":
+      latents = jnp.concatenate([jnp.zeros_like(latents[:, :1]), jnp.diff(latents, axis=1)], 1)
     feats = self.trunk.features(latents, timesteps, context, self.config.readout_layers,
                                 text_kv=text_kv, stop_gradient_below=self.config.freeze_below,
                                 chunk_frames=f)

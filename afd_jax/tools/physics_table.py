@@ -41,7 +41,8 @@ SYSTEMS = {
     "sft": ("sft", {}, "flow matching on the teacher's videos (off-policy)"),
     "gan": ("gan", {}, "direct adversarial imitation through the exit step"),
     "afd": ("afd", {}, "AFD, one rollout per prompt"),
-    f"afd_k{GROUP}": ("afd", {"afd.group_size": GROUP}, f"AFD, {GROUP} rollouts per prompt"),
+    f"afd_k{GROUP}": ("afd", {"afd.group_size": GROUP},
+                      f"AFD, {GROUP} rollouts per prompt, {GROUP} times fewer prompts"),
     "afd_oracle": ("afd_oracle", {}, "NFT driven by the evaluator's physics score (upper bound)"),
     "afd_frozen_disc": ("afd_frozen_disc", {}, "discriminator frozen after its warm-up"),
     "afd_positive_only": ("afd", {"afd.nft_branches": "positive"},
@@ -61,7 +62,7 @@ GAINS = ("physics_error", "accel_error", "gravity_ratio", "gravity_ratio_in_chun
 DIAGNOSTICS = ("diag/spearman_physics_error", "diag/spearman_accel_error",
                "diag/spearman_accel_x_error", "diag/spearman_bounce_error",
                "diag/spearman_speed_gap", "disc/accuracy", "r/saturated_frac",
-               "probe/gravity_word", "probe/color_word", "probe/half_gravity")
+               "probe/gravity_word", "probe/color_word", "probe/half_gravity", "probe/dimmed")
 
 
 def config(seed: int, name: str, steps: int):
@@ -73,6 +74,9 @@ def config(seed: int, name: str, steps: int):
   c.experiment.systems = ("teacher", "base", name)
   if steps:
     c.train.num_steps = steps
+  if "afd.group_size" in overrides:  # as many rollouts per iteration (and evaluation noise) as K = 1
+    k = overrides["afd.group_size"]
+    overrides = dict(overrides, **{"data.batch_size": c.data.batch_size // k})
   for key, value in overrides.items():
     node, *path = c, *key.split(".")
     for part in path[:-1]:
