@@ -139,8 +139,7 @@ def test_per_chunk_scores_need_a_discriminator():
 
 def test_the_discriminators_head_start_trains_it_alone(tmp_path):
   """``afd.disc_lead_steps=1``: iteration 0 rolls out and trains the discriminator only, the
-  student (and its optimizer) untouched; iteration 1 updates both. Only AFD's discriminator can
-  lead."""
+  student untouched; iteration 1 updates both. Only AFD's discriminator can lead."""
   trainer = train.Trainer(small_config(**{"afd.disc_lead_steps": 1}), tmp_path)
   copy = lambda name: jax.tree.map(np.array, trainer.state[name]["params"])
   changed = lambda a, b: max(float(np.abs(x - np.asarray(y)).max())

@@ -74,7 +74,7 @@ def config(seed: int, name: str, steps: int):
   c.experiment.systems = ("teacher", "base", name)
   if steps:
     c.train.num_steps = steps
-  if "afd.group_size" in overrides:  # as many rollouts per iteration (and evaluation noise) as K = 1
+  if "afd.group_size" in overrides:  # as many rollouts (and evaluation noise) as K = 1
     k = overrides["afd.group_size"]
     overrides = dict(overrides, **{"data.batch_size": c.data.batch_size // k})
   for key, value in overrides.items():
