@@ -349,7 +349,7 @@ class Trainer:
     writer = metrics_lib.MetricWriter(self.workdir, total, start)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     prefetch = data_lib.Prefetcher(self._host_batch, range(start, total))
-    last, done = {}, start
+    last, done, final = {}, start, {}
     try:
       with jax.set_mesh(self.mesh):
         for step in range(start, total):
@@ -371,7 +371,10 @@ class Trainer:
                 f"good checkpoint (step {self._good_step or 'none'}, checked finite) in "
                 f"{ckpt.directory} is intact; lower the learning rate or check the data, then "
                 "resume.")
-          if evaluate and done < total:
+          if done == total:   # the last evaluation writes samples and is logged like the rest
+            final = self.evaluate(done)
+            metrics.update({k: v for k, v in final.items() if k != "samples"})
+          elif evaluate:
             metrics.update(self.evaluate(done, write=False))
           if log or evaluate:
             last = writer.write(done, dict(metrics, **self._pop_diagnostics()))
@@ -390,7 +393,7 @@ class Trainer:
         if config.train.export:  # every host writes its shards
           logging.info("exported the EMA student to %s",
                        self.export(config.train.export, config.train.export_format))
-        samples = self.evaluate(total)
+        samples = final or self.evaluate(total)   # a finished run started again: evaluate
     finally:
       prefetch.close(wait=not self._stop_requested)
       signal.signal(signal.SIGTERM, previous)

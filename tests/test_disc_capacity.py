@@ -13,7 +13,8 @@ def test_disc_capacity_trains_on_word_swaps_and_writes_the_probe_curve(tmp_path)
   small = ["--config.model.checkpoint=", "--config.model.overrides.dim=32",
            "--config.model.overrides.ffn_dim=64", "--config.model.overrides.num_layers=1",
            "--config.disc.readout_layers=(0,)", "--config.disc.readout_ffn_dim=32",
-           "--config.data.batch_size=2", "--config.data.num_eval_prompts=4",
+           "--config.data.batch_size=2", "--config.afd.group_size=1",
+           "--config.data.num_eval_prompts=4",
            "--config.mesh.num_devices=1", "--config.optim.disc.lr=1e-3"]
   run = subprocess.run(
       [sys.executable, "-m", "afd_jax.tools.disc_capacity", "--config=configs/demo.py",

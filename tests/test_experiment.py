@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from afd_jax.models import wan
@@ -30,7 +31,7 @@ def test_demo_runs_end_to_end_and_reports_every_system(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "afd_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
        "--config.train.num_steps=2", "--config.train.eval_every=1", "--config.train.log_every=1",
-       "--config.data.num_eval_prompts=4", "--config.data.batch_size=4",
+       "--config.data.num_eval_prompts=4", "--config.data.batch_size=1",
        "--config.mesh.num_devices=1", *small],
       cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,3 +53,6 @@ def test_demo_runs_end_to_end_and_reports_every_system(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "afd" / "metrics.jsonl").read_text().splitlines()]
   assert "eval/physics_error" in lines[0] and "disc/accuracy" in lines[0]
   assert 0.0 <= lines[0]["probe/gravity_word"] <= 1.0 and "probe/dimmed" in lines[0]
+  # The last evaluation is logged like the others, and it is the report's (same student, noise).
+  assert lines[-1]["step"] == 2 and "probe/dimmed" in lines[-1]
+  assert lines[-1]["eval/physics_error"] == pytest.approx(report["afd"]["physics_error"])

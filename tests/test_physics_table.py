@@ -60,13 +60,19 @@ def test_runs_resume_sum_their_times_and_score_teacher_and_base_once(tmp_path, m
 
 
 def test_every_system_rolls_out_as_many_videos_and_is_evaluated_on_the_same_noise():
-  """The K-row trains K rollouts of each of 1/K as many prompts, so every on-policy system rolls
-  out (and evaluates in batches of) the same number of videos as AFD with K = 1."""
+  """The demo's AFD rolls out K videos of each of its prompts; the rows with one rollout per
+  prompt (SFT trains on as many teacher videos) take K times as many prompts, so every system
+  rolls out (and evaluates in batches of) the same number of videos."""
   from afd_jax import methods
   rows = {name: methods.rollout_rows(T.config(0, name, 5)) for name in T.SYSTEMS}
   assert set(rows.values()) == {8}
-  k = T.config(0, f"afd_k{T.GROUP}", 5)
-  assert (k.afd.group_size, k.data.batch_size, k.train.num_steps) == (T.GROUP, 8 // T.GROUP, 5)
+  assert set(T.DEFAULT_ROWS) == {   # issue 13's rows; the per-chunk ablation runs on request
+      "sft", "gan", "afd", "afd_k1", "afd_oracle", "afd_frozen_disc", "afd_positive_only",
+      "afd_disc_lr_0", "afd_disc_lr_low", "afd_disc_lr_high", "afd_unpaired_loss"}
+  shape = lambda name: (lambda c: (c.afd.group_size, c.data.batch_size, c.train.num_steps))(
+      T.config(0, name, 5))
+  assert shape("afd") == shape("afd_oracle") == shape("afd_disc_lr_0") == (4, 2, 5)
+  assert shape("afd_k1") == shape("sft") == shape("gan") == (1, 8, 5)
 
 
 def test_claims_and_page(tmp_path, monkeypatch):

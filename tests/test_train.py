@@ -193,7 +193,7 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   cfg = override(demo.get_config(), method="afd_oracle", **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
-      "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
+      "data.batch_size": 4, "afd.group_size": 1, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
       "train.num_steps": 1, "train.checkpoint_every": 0, "afd.oracle_score": score})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)
@@ -233,6 +233,7 @@ def test_rollout_physics_reads_the_speed_gap_to_the_teacher(tmp_path):
   cfg = override(demo.get_config(), **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "data.batch_size": 4,
+      "afd.group_size": 1,
       "data.num_eval_prompts": 4, "mesh.num_devices": 1, "train.checkpoint_every": 0})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)
@@ -263,7 +264,7 @@ def test_a_per_chunk_discriminator_gives_each_chunk_its_own_r(tmp_path):
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "disc.per_chunk": True,
       "rollout.chunk_frames": 3, "rollout.denoising_steps": (1000.0, 500.0), "afd.nft_passes": 1,
-      "data.batch_size": 4, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
+      "data.batch_size": 4, "afd.group_size": 1, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
       "train.num_steps": 1, "train.checkpoint_every": 0})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)

@@ -3,14 +3,15 @@
     python -m afd_jax.tools.physics_table --workdir=runs/physics_table --seeds=0,1,2,3,4 \\
         --out=docs/results/physics.md
 
-For each seed, from the shipped base student (``configs/demo.py``), every system of ``SYSTEMS``
-trains for the same number of iterations on the same prompts, so each sees the same teacher
-videos (``data.teacher_samples`` per prompt): the paper's baselines (SFT, GAN), AFD with one and
-with K rollouts per prompt, the oracle bound (the evaluator's own physics score in place of the
-discriminator), a frozen discriminator, positive-only updates, the discriminator learning-rate
-sweep, the unpaired GAN discriminator loss and a per-chunk discriminator. DMD needs the teacher's score function, which a
-black-box teacher does not give, so it is not a row. Every system, the base student and the
-teacher's own second sample set included, is scored on the held-out prompts by ``afd_jax.eval``.
+For each seed, from the shipped base student (``configs/demo.py``), every system of
+``DEFAULT_ROWS`` trains for the demo's iterations on the same prompts, so each sees the same
+teacher videos (``data.teacher_samples`` per prompt): the paper's baselines (SFT, GAN), AFD with
+the demo's K rollouts per prompt and with one, the oracle bound (the evaluator's own physics
+score in place of the discriminator), a frozen discriminator, positive-only updates, the
+discriminator learning-rate sweep and the unpaired GAN discriminator loss (a per-chunk
+discriminator on request). DMD needs the teacher's score function, which a black-box teacher
+does not give, so it is not a row. Every system, the base student and the teacher's own second
+sample set included, is scored on the held-out prompts by ``afd_jax.eval``.
 
 The page gets mean +- std over seeds per metric, the paired gain over the base (per seed, same
 evaluation noise) with its spread, what the discriminators rewarded (rank correlations of their
@@ -32,17 +33,18 @@ from absl import flags, logging
 
 from afd_jax import errors
 from afd_jax import experiment
+from afd_jax import methods
 
-GROUP = 4              # AFD's rollouts per prompt in the K > 1 row
 DISC_LR = {"0": 0.0, "low": 3e-6, "high": 3e-4}   # around the demo's 3e-5
 
-# name -> (method, config overrides, what it is)
+# name -> (method, config overrides, what it is). Every row but the first three is the demo's AFD
+# (K rollouts of each prompt) with one change; an ``afd.group_size`` override keeps the demo's
+# rollouts per iteration (and so its evaluation noise) with more, or fewer, prompts.
 SYSTEMS = {
-    "sft": ("sft", {}, "flow matching on the teacher's videos (off-policy)"),
-    "gan": ("gan", {}, "direct adversarial imitation through the exit step"),
-    "afd": ("afd", {}, "AFD, one rollout per prompt"),
-    f"afd_k{GROUP}": ("afd", {"afd.group_size": GROUP},
-                      f"AFD, {GROUP} rollouts per prompt, {GROUP} times fewer prompts"),
+    "sft": ("sft", {"afd.group_size": 1}, "flow matching on the teacher's videos (off-policy)"),
+    "gan": ("gan", {"afd.group_size": 1}, "direct adversarial imitation through the exit step"),
+    "afd_k1": ("afd", {"afd.group_size": 1}, "AFD, one rollout of each prompt"),
+    "afd": ("afd", {}, "AFD, the demo's recipe: K rollouts of each prompt"),
     "afd_oracle": ("afd_oracle", {}, "NFT driven by the evaluator's physics score (upper bound)"),
     "afd_frozen_disc": ("afd_frozen_disc", {}, "discriminator frozen after its warm-up"),
     "afd_positive_only": ("afd", {"afd.nft_branches": "positive"},
@@ -53,6 +55,9 @@ SYSTEMS = {
     "afd_per_chunk": ("afd", {"disc.per_chunk": True},
                       "one discriminator logit and advantage per chunk prefix"),
 }
+# What the table runs unless ``--only`` says otherwise: issue 13's rows. The per-chunk
+# discriminator (the paper's section 6.6 ablation) runs on request.
+DEFAULT_ROWS = tuple(name for name in SYSTEMS if name != "afd_per_chunk")
 BASELINES = ("sft", "gan")
 HEADLINE = ("physics_error", "accel_error", "bounce_error", "frechet_distance", "dynamic_degree",
             "speed_ratio", "sharpness_ratio", "visibility")
@@ -74,9 +79,9 @@ def config(seed: int, name: str, steps: int):
   c.experiment.systems = ("teacher", "base", name)
   if steps:
     c.train.num_steps = steps
-  if "afd.group_size" in overrides:  # as many rollouts (and evaluation noise) as K = 1
-    k = overrides["afd.group_size"]
-    overrides = dict(overrides, **{"data.batch_size": c.data.batch_size // k})
+  if "afd.group_size" in overrides:  # as many rollouts (and evaluation noise) as the demo's
+    rows = methods.rollout_rows(c)
+    overrides = dict(overrides, **{"data.batch_size": rows // overrides["afd.group_size"]})
   for key, value in overrides.items():
     node, *path = c, *key.split(".")
     for part in path[:-1]:
@@ -276,8 +281,9 @@ def define_flags():
   flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (at least 5).")
   flags.DEFINE_integer("steps", 0, "Iterations per method (0: the demo's).")
   flags.DEFINE_string("out", "docs/results/physics.md", "The results page to write.")
-  flags.DEFINE_list("only", [], "Run only these systems (the page, which needs afd, sft and gan, "
-                    "names the rows left out).")
+  flags.DEFINE_list("only", [], "Run only these systems (default: every system but "
+                    "afd_per_chunk; the page, which needs afd, sft and gan, names the rows left "
+                    "out).")
 
 
 def main(argv):
@@ -286,7 +292,7 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", str(Path(f.workdir).absolute() / "jit_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   seeds = [int(s) for s in f.seeds]
-  names = f.only or list(SYSTEMS)
+  names = f.only or list(DEFAULT_ROWS)
   unknown = sorted(set(names) - set(SYSTEMS))
   if unknown:
     raise errors.UserError(f"--only names unknown systems {unknown}; known: {list(SYSTEMS)}.")
