@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -209,12 +210,15 @@ class Trainer:
     """What the scores rewarded since the last log line: Spearman correlations of the advantage
     (GAN: the paired score) with the rollouts' physics score and its terms, over every rollout
     of the window (scores standardised per step, so the window's pairs pool; a per-chunk
-    discriminator's, averaged over the rollout's chunks)."""
+    discriminator's, averaged over the rollout's chunks). With K rollouts per prompt the
+    advantage is centred per prompt, so the physics scores are too: the correlation is then how
+    well the scores rank each prompt's own rollouts, which is all they can rank."""
     if not self._diagnostics:
       return {}
+    k = self.config.afd.group_size
     advantage = np.concatenate([a.reshape(len(a), -1).mean(1) for a, _ in self._diagnostics])
-    physics = {k: np.concatenate([p[k] for _, p in self._diagnostics])
-               for k in self._diagnostics[0][1]}
+    physics = {key: np.concatenate([_centred_per_prompt(p[key], k) for _, p in self._diagnostics])
+               for key in self._diagnostics[0][1]}
     self._diagnostics = []
     return _rank_correlations(advantage, physics)
 
@@ -489,6 +493,17 @@ class _Clock:
     now = time.perf_counter()
     self.times[f"time/{name}_s"] = now - self._t0
     self._t0 = now
+
+
+def _centred_per_prompt(values: np.ndarray, group_size: int) -> np.ndarray:
+  """Each prompt's ``group_size`` rollouts (consecutive rows) less their mean over the measured
+  ones; unchanged for one rollout per prompt."""
+  if group_size == 1:
+    return values
+  groups = values.reshape(-1, group_size)
+  with warnings.catch_warnings():   # a prompt none of whose rollouts was measured stays NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return (groups - np.nanmean(groups, 1, keepdims=True)).reshape(-1)
 
 
 def _rank_correlations(advantage, physics) -> dict:

@@ -225,6 +225,23 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
 
 
+def test_with_k_rollouts_per_prompt_the_diagnostics_rank_each_prompts_own_rollouts():
+  """K > 1 centres the advantage per prompt, so the diagnostics centre the physics scores per
+  prompt too: an advantage that ranks every prompt's rollouts correctly correlates 1 however far
+  apart the prompts' own levels lie (pooled, it would not), and a prompt with no measured
+  rollout stays unmeasured."""
+  from types import SimpleNamespace
+  errors = np.array([1.0, 1.3, 1.1, 5.0, 5.2, 4.9])          # two prompts, K = 3
+  advantage = np.repeat(errors.reshape(2, 3).mean(1), 3) - errors   # the oracle's, unscaled
+  window = lambda k: SimpleNamespace(config=SimpleNamespace(afd=SimpleNamespace(group_size=k)),
+                                     _diagnostics=[(advantage, {"physics_error": errors})])
+  within = train.Trainer._pop_diagnostics(window(3))["diag/spearman_physics_error"]
+  pooled = train.Trainer._pop_diagnostics(window(1))["diag/spearman_physics_error"]
+  assert within == pytest.approx(1.0) and pooled < 0.75
+  np.testing.assert_allclose(train._centred_per_prompt(np.array([np.nan, np.nan, 1.0, 2.0]), 2),
+                             [np.nan, np.nan, -0.5, 0.5])
+
+
 def test_rollout_physics_reads_the_speed_gap_to_the_teacher(tmp_path):
   """The diagnostics' ``speed_gap``: 0 for the teacher's own video of the prompt, 1 for a ball
   that stands still, and for a slowed video (its first half, each frame twice) one minus its
