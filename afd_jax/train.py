@@ -211,12 +211,13 @@ class Trainer:
     (GAN: the paired score) with the rollouts' physics score and its terms, over every rollout
     of the window (scores standardised per step, so the window's pairs pool; a per-chunk
     discriminator's, averaged over the rollout's chunks). With K rollouts per prompt the
-    advantage is centred per prompt, so the physics scores are too: the correlation is then how
-    well the scores rank each prompt's own rollouts, which is all they can rank."""
+    advantage is centred per prompt, so the physics scores are too (and GAN's paired scores): the
+    correlation is then how well the scores rank each prompt's own rollouts, all they can rank."""
     if not self._diagnostics:
       return {}
     k = self.config.afd.group_size
-    advantage = np.concatenate([a.reshape(len(a), -1).mean(1) for a, _ in self._diagnostics])
+    advantage = np.concatenate([_centred_per_prompt(a.reshape(len(a), -1).mean(1), k)
+                                for a, _ in self._diagnostics])
     physics = {key: np.concatenate([_centred_per_prompt(p[key], k) for _, p in self._diagnostics])
                for key in self._diagnostics[0][1]}
     self._diagnostics = []

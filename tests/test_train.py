@@ -231,7 +231,7 @@ def test_with_k_rollouts_per_prompt_the_diagnostics_rank_each_prompts_own_rollou
   apart the prompts' own levels lie (pooled, it would not), and a prompt with no measured
   rollout stays unmeasured."""
   from types import SimpleNamespace
-  errors = np.array([1.0, 1.3, 1.1, 5.0, 5.2, 4.9])          # two prompts, K = 3
+  errors = np.array([1.0, 1.3, 1.1, 5.0, 5.4, 4.9])          # two prompts, K = 3
   advantage = np.repeat(errors.reshape(2, 3).mean(1), 3) - errors   # the oracle's, unscaled
   window = lambda k: SimpleNamespace(config=SimpleNamespace(afd=SimpleNamespace(group_size=k)),
                                      _diagnostics=[(advantage, {"physics_error": errors})])
