@@ -93,6 +93,12 @@ def validate(config: ml_collections.ConfigDict):
     problems.append(f"config.disc.loss={config.disc.loss!r} is not one of {losses.DISC_LOSSES}")
   if config.disc.input not in disc_lib.INPUTS:
     problems.append(f"config.disc.input={config.disc.input!r} is not one of {disc_lib.INPUTS}")
+  if not isinstance(config.afd.disc_steps, int) or config.afd.disc_steps < 1:
+    problems.append(f"config.afd.disc_steps={config.afd.disc_steps!r} must be an integer >= 1 "
+                    "(discriminator updates per iteration)")
+  if config.afd.group_pairs not in ("own", "shared"):
+    problems.append(f"config.afd.group_pairs={config.afd.group_pairs!r} must be 'own' (each of a "
+                    "prompt's K rollouts with its own teacher draw and noise) or 'shared'")
   lead = config.afd.disc_lead_steps
   if lead and (config.method not in ("afd", "afd_frozen_disc")
                or not 0 < lead < config.train.num_steps):
@@ -169,6 +175,14 @@ def validate(config: ml_collections.ConfigDict):
     problems.append("config.pretrain.text_dropout and config.dmd.guidance_scale take the empty "
                     "prompt as a zero context, which is the tiny text encoder's; umT5's empty "
                     "prompt is not zero, so use 0 and 1 with umT5 contexts")
+  if config.mode == "experiment":
+    trained = config.experiment.name or config.method
+    unknown = [s for s in config.experiment.systems if s not in ("teacher", "base", trained)]
+    if unknown:
+      problems.append(f"config.experiment.systems names {unknown}, which is neither 'teacher', "
+                      f"'base' nor the trained system {trained!r} (config.experiment.name, or "
+                      f"config.method when it is empty); set --config.experiment.name={unknown[0]}"
+                      f" or list {trained!r}")
   if config.afd.oracle_score not in ORACLE_SCORES:
     problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
                     f"{ORACLE_SCORES} (the physics score, one of its terms, a gravity gap or "
@@ -204,7 +218,9 @@ def afd_config(config) -> steps.AFDConfig:
       rollout_timesteps=tuple(float(t) for t in rollout_config(config).timesteps()),
       nft_passes=a.nft_passes, nft_levels=a.nft_levels, shift=config.rollout.shift, beta=a.beta,
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
-      disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min, r1_weight=a.r1_weight, r2_weight=a.r2_weight,
+      disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min,
+      shared_group_noise=a.group_pairs == "shared", r1_weight=a.r1_weight,
+      r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
       micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,

@@ -45,6 +45,7 @@ class AFDConfig:
   reg_weight: float = 1e-4
   disc_tau_max: float = 0.1
   disc_tau_min: float = 0.0        # > 0: the discriminator never sees a clean video
+  shared_group_noise: bool = False  # a prompt's K pairs share one augmentation draw
   r1_weight: float = 0.0
   r2_weight: float = 0.0
   penalty_sigma: float = 0.01
@@ -208,8 +209,11 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   def step(params, opt_state, x_teacher, x_student, context, key, frozen=None):
     b = x_teacher.shape[0]
     k_tau, k_eps, k_r = jax.random.split(key, 3)
-    tau = jax.random.uniform(k_tau, (b,), minval=cfg.disc_tau_min, maxval=cfg.disc_tau_max)
-    eps = jax.random.normal(k_eps, x_teacher.shape, x_teacher.dtype)   # shared within a pair
+    g = cfg.group_size if cfg.shared_group_noise else 1   # rows sharing one draw
+    tau = jnp.repeat(jax.random.uniform(k_tau, (b // g,), minval=cfg.disc_tau_min,
+                                        maxval=cfg.disc_tau_max), g)
+    eps = jnp.repeat(jax.random.normal(k_eps, (b // g, *x_teacher.shape[1:]), x_teacher.dtype), g,
+                     axis=0)   # shared within a pair (and a prompt's group)
     delta = (cfg.penalty_sigma * jnp.swapaxes(
         jax.random.normal(k_r, (2, *x_teacher.shape), x_teacher.dtype), 0, 1)   # [B, 2, ...]
              if cfg.r1_weight or cfg.r2_weight else jnp.zeros((b, 0)))

@@ -85,11 +85,14 @@ class Trainer:
     """This host's text embeddings and teacher latents of step ``step`` (numpy; runs in the
     prefetch thread, so reading or rendering overlaps the previous step's compute). With
     ``group_size`` K > 1 every prompt fills K consecutive rows (prompt-major), row k paired with
-    the prompt's k-th teacher draw."""
+    the prompt's k-th teacher draw (``afd.group_pairs=shared``: every row with draw 0)."""
     d, k = self.config.data, self.config.afd.group_size
     ids = data_lib.host_slice(data_lib.batch_ids(step, d.batch_size, self.pool.num_train,
                                                  self.config.seed))
-    teacher = np.stack([self.data.source.latents(ids, step, draw) for draw in range(k)], 1)
+    if self.config.afd.group_pairs == "shared":   # one teacher draw for the prompt's K pairs
+      teacher = np.repeat(self.data.source.latents(ids, step)[:, None], k, 1)
+    else:
+      teacher = np.stack([self.data.source.latents(ids, step, draw) for draw in range(k)], 1)
     return (np.repeat(self.pool.embeddings[ids], k, axis=0),
             teacher.reshape(-1, *teacher.shape[2:]))
 
@@ -194,13 +197,18 @@ class Trainer:
     return dict(metrics, **student_metrics)
 
   def _disc_step(self, teacher, x_student, context, key, train: bool) -> dict:
-    """One discriminator update on the (teacher, student) pairs (or, ``train=False``, only their
-    scores); returns the pre-update logits and metrics."""
+    """``afd.disc_steps`` discriminator updates on the (teacher, student) pairs, each with its own
+    noise augmentation (or, ``train=False``, only their scores); returns the first update's
+    pre-update logits, advantage and metrics."""
     disc = self.state["disc"]
     if train:
-      params, opt, out = self.fns.disc(disc["params"], disc["opt"], teacher, x_student, context,
-                                       key, self.frozen["disc"])
-      self.state["disc"] = {"params": params, "opt": opt}
+      for i in range(self.config.afd.disc_steps):
+        params, opt, scored = self.fns.disc(disc["params"], disc["opt"], teacher, x_student,
+                                            context, jax.random.fold_in(key, i) if i else key,
+                                            self.frozen["disc"])
+        disc = self.state["disc"] = {"params": params, "opt": opt}
+        if i == 0:
+          out = scored
     else:
       out = self.fns.score(disc["params"], teacher, x_student, context, key, self.frozen["disc"])
     out["metrics"]["disc/trained"] = float(train)

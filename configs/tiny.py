@@ -96,6 +96,8 @@ def get_config():
   c.afd.nft_passes = 4
   c.afd.nft_levels = "rollout"
   c.afd.disc_tau_max = 0.1
+  c.afd.group_pairs = "own"           # K > 1: own (each rollout its teacher draw and noise) |
+                                       # shared (a prompt's K pairs: one draw, one noise)
   c.afd.disc_tau_min = 0.0             # noise augmentation tau ~ U[min, max], shared in a pair
   c.afd.r1_weight = 0.0
   c.afd.r2_weight = 0.0
@@ -105,6 +107,9 @@ def get_config():
   c.afd.old_decay_type = 1
   c.afd.disc_lead_steps = 0            # the first iterations train only the discriminator (its
                                        # head start on the starting student's rollouts)
+  c.afd.disc_steps = 1                 # discriminator updates per iteration, on the iteration's
+                                       # pairs (fresh noise augmentation each); the advantage
+                                       # is always the first's pre-update score
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through

@@ -28,6 +28,7 @@ from afd_jax import train
 from afd_jax import video
 from afd_jax.models import wan, wan_checkpoint
 from afd_jax.teachers import physics
+from configs import demo
 from configs import tiny
 from small_config import override
 
@@ -66,6 +67,8 @@ def _run(workdir, **overrides):
     ("disc.loss", "hinge", "disc.loss"),
     ("disc.input", "flow", "disc.input='flow' is not one of"),
     ("afd.disc_lead_steps", 5, "disc_lead_steps=5: the discriminator's head start needs"),
+    ("afd.disc_steps", 0, "disc_steps=0 must be an integer >= 1"),
+    ("afd.group_pairs", "mixed", "group_pairs='mixed' must be 'own'"),
     ("afd.exit_step", "first", "exit_step"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
@@ -101,6 +104,18 @@ def test_group_size_needs_rollouts_and_the_oracle_a_physics_teacher_and_score():
     methods.validate(small_config(method="afd_oracle"))
   with pytest.raises(ValueError, match="oracle_score='gravity'.*accel_error"):
     methods.validate(small_config(**{"afd.oracle_score": "gravity"}))
+
+
+def test_an_experiment_refuses_systems_it_would_silently_not_train():
+  """The demo lists 'afd'; run as the oracle it would train nothing and report the base."""
+  c = demo.get_config()
+  c.method = "afd_oracle"
+  with pytest.raises(ValueError, match=r"names \['afd'\].*experiment.name=afd or list 'afd_oracle'"):
+    methods.validate(c)
+  c.experiment.name = "afd"
+  methods.validate(c)
+  c.experiment.name, c.experiment.systems = "", ("teacher", "base")  # scoring only is fine
+  methods.validate(c)
 
 
 def test_text_dropout_and_guidance_need_their_methods_and_the_tiny_text_encoder():
@@ -156,6 +171,24 @@ def test_the_discriminators_head_start_trains_it_alone(tmp_path):
     methods.validate(small_config(method="gan", **{"afd.disc_lead_steps": 1}))
 
 
+def test_the_update_ratio_trains_the_discriminator_k_times_and_scores_with_the_first(tmp_path):
+  """``afd.disc_steps=2``: two discriminator updates on the iteration's pairs; the advantage, and
+  so the student's update, come from the first's pre-update scores, as with one update."""
+  runs = {}
+  for k in (1, 2):
+    trainer = train.Trainer(small_config(**{"afd.disc_steps": k}), tmp_path / str(k))
+    with jax.set_mesh(trainer.mesh):
+      metrics = trainer._iteration(0, trainer._host_batch(0))
+    runs[k] = metrics, {name: jax.tree.map(np.array, trainer.state[name]["params"])
+                        for name in ("student", "disc")}
+  (one, params_one), (two, params_two) = runs[1], runs[2]
+  for key in ("adv/raw_mean", "adv/raw_std", "disc/accuracy", "disc/bt_loss", "nft/loss"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
+  gap = lambda name: max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(params_one[name]), jax.tree.leaves(params_two[name])))
+  assert gap("student") < 1e-6 and gap("disc") > 0.0
+
+
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
   """K = 2 rollouts per prompt: rows 2i and 2i+1 share prompt i's text and each is paired with
   its own teacher draw (draw 0 is the one K = 1 reads); the discriminator, the advantage and the
@@ -179,6 +212,30 @@ def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
                                 one.evaluator.sample(params, ids, 7))
   summary = trainer.run()
   assert np.isfinite(summary["nft/loss"]) and "eval/property_gap" in summary
+
+
+def test_shared_group_pairs_meet_one_teacher_draw_under_one_noise(tmp_path):
+  """``afd.group_pairs=shared``: a prompt's K pairs meet one teacher video (K = 1's draw) under
+  one augmentation draw, so the teacher's logits are equal within the group and the per-prompt
+  centred advantage ranks only the rollouts' own logits; with ``own`` they are not."""
+  teacher_logits = {}
+  for pairs in ("own", "shared"):
+    cfg = small_config(**{"afd.group_size": 2, "data.batch_size": 4, "afd.group_pairs": pairs,
+                          "afd.disc_tau_max": 0.5})
+    trainer = train.Trainer(cfg, tmp_path / pairs)
+    context, teacher = trainer._host_batch(0)
+    if pairs == "shared":
+      np.testing.assert_array_equal(teacher[0::2], teacher[1::2])
+      np.testing.assert_array_equal(teacher[0::2], draw_0)
+    draw_0 = teacher[0::2]
+    with jax.set_mesh(trainer.mesh):
+      context, teacher = map(trainer._to_global, (context, teacher))
+      out = trainer.fns.score(trainer.state["disc"]["params"], teacher, teacher[::-1], context,
+                              jax.random.key(0), trainer.frozen["disc"])
+    teacher_logits[pairs] = np.asarray(out["teacher_logits"])
+  assert not np.allclose(teacher_logits["own"][0::2], teacher_logits["own"][1::2], atol=1e-4)
+  np.testing.assert_allclose(teacher_logits["shared"][0::2], teacher_logits["shared"][1::2],
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("score", ["physics_error", "gravity_gap_in_chunks"])
