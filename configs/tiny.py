@@ -96,9 +96,9 @@ def get_config():
   c.afd.nft_passes = 4
   c.afd.nft_levels = "rollout"
   c.afd.disc_tau_max = 0.1
-  c.afd.group_pairs = "own"           # K > 1: own (each rollout its teacher draw and noise) |
-                                       # shared (a prompt's K pairs: one draw, one noise)
   c.afd.disc_tau_min = 0.0             # noise augmentation tau ~ U[min, max], shared in a pair
+  c.afd.group_pairs = "own"            # K > 1: own (each rollout its teacher draw and noise) |
+                                       # shared (a prompt's K pairs: one draw, one noise)
   c.afd.r1_weight = 0.0
   c.afd.r2_weight = 0.0
   c.afd.penalty_sigma = 0.01
