@@ -246,7 +246,6 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
   correlation with that score is 1."""
   import dataclasses
   from afd_jax import losses
-  from configs import demo
   cfg = override(demo.get_config(), method="afd_oracle", **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
@@ -303,7 +302,6 @@ def test_rollout_physics_reads_the_speed_gap_to_the_teacher(tmp_path):
   """The diagnostics' ``speed_gap``: 0 for the teacher's own video of the prompt, 1 for a ball
   that stands still, and for a slowed video (its first half, each frame twice) one minus its
   speed over the teacher's for that prompt."""
-  from configs import demo
   cfg = override(demo.get_config(), **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "data.batch_size": 4,
@@ -333,7 +331,6 @@ def test_a_per_chunk_discriminator_gives_each_chunk_its_own_r(tmp_path):
   import dataclasses
   from scipy import stats
   from afd_jax import losses
-  from configs import demo
   cfg = override(demo.get_config(), **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "disc.readout_layers": (0,), "disc.per_chunk": True,
