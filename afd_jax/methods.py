@@ -190,6 +190,11 @@ def validate(config: ml_collections.ConfigDict):
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")
+  if config.afd.disc_color_jitter and (d.encoder != "pixels" or d.teacher == "synthetic"):
+    problems.append(f"config.afd.disc_color_jitter={config.afd.disc_color_jitter} scales RGB "
+                    "channels, which only pixel latents of a video teacher have (here "
+                    f"config.data.teacher={d.teacher!r}, config.data.encoder={d.encoder!r}); set "
+                    "it to 0, or use config.data.encoder='pixels' with a video teacher")
   if d.encoder == "wan_vae" and d.teacher in ("physics", "http", "callable") and not d.vae:
     problems.append("config.data.encoder='wan_vae' needs config.data.vae (the VAE checkpoint)")
   if d.vae and not Path(d.vae).exists():
@@ -219,7 +224,8 @@ def afd_config(config) -> steps.AFDConfig:
       nft_passes=a.nft_passes, nft_levels=a.nft_levels, shift=config.rollout.shift, beta=a.beta,
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
       disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min,
-      shared_group_noise=a.group_pairs == "shared", r1_weight=a.r1_weight,
+      shared_group_noise=a.group_pairs == "shared", disc_color_jitter=a.disc_color_jitter,
+      r1_weight=a.r1_weight,
       r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",

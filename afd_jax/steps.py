@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -46,6 +47,8 @@ class AFDConfig:
   disc_tau_max: float = 0.1
   disc_tau_min: float = 0.0        # > 0: the discriminator never sees a clean video
   shared_group_noise: bool = False  # a prompt's K pairs share one augmentation draw
+  disc_color_jitter: float = 0.0   # > 0: every video the discriminator sees gets its own RGB
+                                   # gains exp(U[-a, a]) (pixel latents; teacher and student alike)
   r1_weight: float = 0.0
   r2_weight: float = 0.0
   penalty_sigma: float = 0.01
@@ -72,6 +75,9 @@ class AFDConfig:
       raise errors.UserError(f"beta ({self.beta}) and a_max ({self.a_max}) must be positive.")
     if self.disc_loss not in losses.DISC_LOSSES:
       raise errors.UserError(f"disc_loss {self.disc_loss!r} not in {losses.DISC_LOSSES}.")
+    if not 0.0 <= self.disc_color_jitter < float("inf"):
+      raise errors.UserError(f"disc_color_jitter must be a finite number >= 0, got "
+                             f"{self.disc_color_jitter}.")
     if not 0.0 <= self.disc_tau_min <= self.disc_tau_max <= 1.0:
       raise errors.UserError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
                        f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
@@ -161,6 +167,24 @@ def merged(graphdef, spec: lora_lib.LoRA | None, frozen, params) -> nnx.Module:
   return nnx.merge(graphdef, lora_lib.view(frozen, params, spec))
 
 
+def color_gains(key, rows: int, amount: float):
+  """``[rows, 2, 3]`` RGB gains ``exp(U[-amount, amount])``, one set per video of each pair
+  (teacher, student): the discriminator's appearance augmentation (after ADA and DiffAugment).
+  Drawn for teacher and student videos alike, they leave a small colour or brightness offset of
+  the student unable to separate a pair on its own, so the discriminator has to find what else
+  differs (the motion). The key is folded from the step's, so the noise draws do not change."""
+  return jnp.exp(jax.random.uniform(jax.random.fold_in(key, 0xC010), (rows, 2, 3),
+                                    minval=-amount, maxval=amount))
+
+
+def apply_gains(x, gains):
+  """Videos ``x`` ``[B, F, h, w, C]`` (pixel-encoder latents in [-1, 1], RGB the fastest channel
+  axis) with their R, G and B scaled by ``gains [B, 3]`` in [0, 1] pixel space (black stays
+  black)."""
+  g = gains[:, np.arange(x.shape[-1]) % 3].reshape(x.shape[0], *(1,) * (x.ndim - 2), -1)
+  return ((x + 1.0) * g.astype(x.dtype) - 1.0).astype(x.dtype)
+
+
 def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                    update: bool = True, lora: lora_lib.LoRA | None = None,
                    with_advantage: bool = False):
@@ -209,6 +233,9 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   def step(params, opt_state, x_teacher, x_student, context, key, frozen=None):
     b = x_teacher.shape[0]
     k_tau, k_eps, k_r = jax.random.split(key, 3)
+    if cfg.disc_color_jitter:
+      gains = color_gains(key, b, cfg.disc_color_jitter)
+      x_teacher, x_student = apply_gains(x_teacher, gains[:, 0]), apply_gains(x_student, gains[:, 1])
     g = cfg.group_size if cfg.shared_group_noise else 1   # rows sharing one draw
     tau = jnp.repeat(jax.random.uniform(k_tau, (b // g,), minval=cfg.disc_tau_min,
                                         maxval=cfg.disc_tau_max), g)
@@ -395,9 +422,11 @@ def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: A
   augmentation."""
 
   def loss_fn(params, disc_params, micro, exit_step, frozen, disc_frozen):
-    inputs, clean, x_teacher, context, tau, eps = micro
+    inputs, clean, x_teacher, context, tau, eps, gains = micro
     x0 = exit_estimate(graphdef, cfg, lora_lib.view(frozen, params, lora), inputs, exit_step,
                        clean, context)
+    if cfg.disc_color_jitter:
+      x_teacher, x0 = apply_gains(x_teacher, gains[:, 0]), apply_gains(x0, gains[:, 1])
     disc = merged(disc_graph, disc_lora, disc_frozen, disc_params)
     t = tau * flow.NUM_TRAIN_TIMESTEPS
     student = disc(flow.add_noise(x0, eps, tau), t, context)
@@ -410,10 +439,12 @@ def make_gan_step(graphdef, disc_graph, tx: optax.GradientTransformation, cfg: A
     tau = jax.random.uniform(k_tau, (clean.shape[0],), minval=cfg.disc_tau_min,
                              maxval=cfg.disc_tau_max)
     eps = jax.random.normal(k_eps, clean.shape, clean.dtype)
+    gains = (color_gains(key, clean.shape[0], cfg.disc_color_jitter) if cfg.disc_color_jitter
+             else jnp.zeros((clean.shape[0], 0)))
     grads, loss = accumulate(
         jax.value_and_grad(lambda p, m: loss_fn(p, disc_params, m, exit_step, frozen,
                                                 disc_frozen)), student["params"],
-        (inputs, clean, x_teacher, context, tau, eps), cfg.micro_batches)
+        (inputs, clean, x_teacher, context, tau, eps, gains), cfg.micro_batches)
     student, metrics = _apply_update(student, grads, tx, cfg, step_index)
     metrics["gan/generator_loss"] = jnp.mean(loss)
     return student, metrics

@@ -97,6 +97,8 @@ def get_config():
   c.afd.nft_levels = "rollout"
   c.afd.disc_tau_max = 0.1
   c.afd.disc_tau_min = 0.0             # noise augmentation tau ~ U[min, max], shared in a pair
+  c.afd.disc_color_jitter = 0.0        # > 0 (pixel latents): each video the discriminator sees
+                                       # gets its own RGB gains exp(U[-a, a])
   c.afd.group_pairs = "own"            # K > 1: own (each rollout its teacher draw and noise) |
                                        # shared (a prompt's K pairs: one draw, one noise)
   c.afd.r1_weight = 0.0

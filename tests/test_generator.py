@@ -79,22 +79,31 @@ def test_gan_step_follows_the_relativistic_score_through_the_exit_step(tiny_mode
   teacher = clean + 0.5
   tx = optax.sgd(1.0)
   student = {"params": params, "opt": tx.init(params), "ema": params}
-  cfg = steps.AFDConfig(rollout_timesteps=CFG.rollout_timesteps, disc_tau_max=0.0)
-  step = jax.jit(steps.make_gan_step(graphdef, dgraph, tx, cfg))
-  new, metrics = step(student, dparams, inputs, clean, teacher, context, exit_step,
-                      jax.random.key(0), 0)
+  values = {}
+  for jitter in (0.0, 0.2):   # with colour augmentation: each video its own gains, in the loss
+    cfg = steps.AFDConfig(rollout_timesteps=CFG.rollout_timesteps, disc_tau_max=0.0,
+                          disc_color_jitter=jitter)
+    step = jax.jit(steps.make_gan_step(graphdef, dgraph, tx, cfg))
+    new, metrics = step(student, dparams, inputs, clean, teacher, context, exit_step,
+                        jax.random.key(0), 0)
+    gains = steps.color_gains(jax.random.key(0), 2, jitter)
+    jittered = (lambda x, side: steps.apply_gains(x, gains[:, side])) if jitter else (
+        lambda x, side: x)
 
-  def expected(p):
-    d = nnx.merge(dgraph, dparams)
-    x0 = steps.exit_estimate(graphdef, cfg, p, inputs, exit_step, clean, context)
-    zero = jnp.zeros((2,))
-    return losses.relativistic_generator_loss(d(teacher, zero, context), d(x0, zero, context))
+    def expected(p):
+      d = nnx.merge(dgraph, dparams)
+      x0 = steps.exit_estimate(graphdef, cfg, p, inputs, exit_step, clean, context)
+      zero = jnp.zeros((2,))
+      return losses.relativistic_generator_loss(d(jittered(teacher, 0), zero, context),
+                                                d(jittered(x0, 1), zero, context))
 
-  value, grads = jax.jit(jax.value_and_grad(expected))(params)
-  np.testing.assert_allclose(metrics["gan/generator_loss"], value, rtol=1e-5)
-  for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads),
-                     jax.tree.leaves(new["params"])):
-    np.testing.assert_allclose(n, p - g, rtol=1e-4, atol=1e-6)   # SGD(1): exactly that gradient
+    value, grads = jax.jit(jax.value_and_grad(expected))(params)
+    np.testing.assert_allclose(metrics["gan/generator_loss"], value, rtol=1e-5)
+    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads),
+                       jax.tree.leaves(new["params"])):
+      np.testing.assert_allclose(n, p - g, rtol=1e-4, atol=1e-6)   # SGD(1): exactly that gradient
+    values[jitter] = float(value)
+  assert values[0.0] != values[0.2]   # the gains reach the loss
 
 
 def test_dmd_gradient_vanishes_when_the_critic_equals_the_real_score(rollout_batch):

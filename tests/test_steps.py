@@ -57,6 +57,35 @@ def test_disc_step_changes_only_the_discriminator_and_compiles_once(tiny_model, 
   np.testing.assert_allclose(scored["teacher_logits"], trained["teacher_logits"], rtol=1e-5)
 
 
+def test_color_jitter_scales_each_videos_rgb_in_pixel_space(tiny_model, batch):
+  gains = steps.color_gains(jax.random.key(3), 4, 0.2)
+  assert gains.shape == (4, 2, 3) and len(np.unique(np.asarray(gains))) == 24
+  assert np.all((gains >= np.exp(-0.2)) & (gains <= np.exp(0.2)))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 2, 3, 3, 12)), jnp.float32)
+  x = x.at[:, :, 0].set(-1.0)                                  # a black row
+  out = np.asarray(steps.apply_gains(x, gains[:, 0]))
+  channel_gain = np.asarray(gains[:, 0])[:, np.arange(12) % 3]  # pixel latents: RGB fastest
+  np.testing.assert_allclose(out, (np.asarray(x) + 1) * channel_gain[:, None, None, None] - 1,
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out[:, :, 0], -1.0, atol=1e-6)     # black stays black
+
+  # In the discriminator's step: teacher and student of a pair get their own gains, so two
+  # equal videos score apart with jitter and alike without; the noise draws do not change.
+  teacher, _, context = batch
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((0, 1), 96)), seed=4)
+  graphdef, params = nnx.split(disc)
+  logits = {}
+  for amount in (0.0, 0.2):
+    score = jax.jit(steps.make_disc_step(graphdef, steps.adamw(1e-3),
+                                         dataclasses.replace(CFG, disc_color_jitter=amount),
+                                         update=False))
+    logits[amount] = score(params, teacher, teacher, context, jax.random.key(1))
+  np.testing.assert_array_equal(logits[0.0]["teacher_logits"], logits[0.0]["student_logits"])
+  assert not np.allclose(logits[0.2]["teacher_logits"], logits[0.2]["student_logits"])
+  with pytest.raises(ValueError, match="disc_color_jitter"):
+    steps.AFDConfig(disc_color_jitter=-0.1)
+
+
 def test_disc_training_separates_teacher_from_student(tiny_model, batch):
   teacher, student_x, context = batch
   disc = D.init(tiny_model, D.DiscriminatorConfig((1,), 96), seed=2)

@@ -69,6 +69,7 @@ def _run(workdir, **overrides):
     ("afd.disc_lead_steps", 5, "disc_lead_steps=5: the discriminator's head start needs"),
     ("afd.disc_steps", 0, "disc_steps=0 must be an integer >= 1"),
     ("afd.group_pairs", "mixed", "group_pairs='mixed' must be 'own'"),
+    ("afd.disc_color_jitter", 0.1, "disc_color_jitter=0.1 scales RGB channels, which only pixel"),
     ("afd.exit_step", "first", "exit_step"),
     ("data.teacher", "veo", "teacher"),
     ("model.checkpoint", "/nonexistent/wan", "convert_wan"),
