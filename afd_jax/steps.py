@@ -235,7 +235,8 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     k_tau, k_eps, k_r = jax.random.split(key, 3)
     if cfg.disc_color_jitter:
       gains = color_gains(key, b, cfg.disc_color_jitter)
-      x_teacher, x_student = apply_gains(x_teacher, gains[:, 0]), apply_gains(x_student, gains[:, 1])
+      x_teacher = apply_gains(x_teacher, gains[:, 0])
+      x_student = apply_gains(x_student, gains[:, 1])
     g = cfg.group_size if cfg.shared_group_noise else 1   # rows sharing one draw
     tau = jnp.repeat(jax.random.uniform(k_tau, (b // g,), minval=cfg.disc_tau_min,
                                         maxval=cfg.disc_tau_max), g)
