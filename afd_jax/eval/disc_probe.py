@@ -46,6 +46,12 @@ def other_words(prompt: str, field: str) -> list[str]:
           if v != getattr(scene, field)]
 
 
+def preference(mine, theirs) -> float:
+  """How often logits ``mine`` beat ``theirs`` row by row (ties count half; 0.5 is blind)."""
+  mine, theirs = np.asarray(mine, np.float64), np.asarray(theirs, np.float64)
+  return float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
+
+
 def probe(logits: Callable[[np.ndarray, Sequence[str]], np.ndarray], prompts: Sequence[str],
           world: PhysicsWorld, seed: int) -> dict[str, float]:
   """``{probe: fraction of (prompt, other video) pairs where the discriminator prefers the
@@ -63,8 +69,7 @@ def probe(logits: Callable[[np.ndarray, Sequence[str]], np.ndarray], prompts: Se
     if tuple(rows) not in scored:
       scored[tuple(rows)] = np.asarray(logits(truth[rows], under), np.float64)
     mine = scored[tuple(rows)]
-    theirs = np.asarray(logits(others, under), np.float64)
-    return float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
+    return preference(mine, logits(others, under))
 
   out = {}
   for field in (*WORDS, "color"):

@@ -76,10 +76,10 @@ def run(config, steps: int, eval_every: int, word: str, fall_scale: float = 0.73
     def probes() -> dict:
       out = disc_probe.probe(t.disc_logits, held_out, world, evaluation.SEED)
       if word == "fall":
-        right, wrong = (t.disc_logits([w.render(p, seed(evaluation.SEED)) for p in held_out],
-                                      held_out)
-                        for w, seed in ((world, lambda s: s), (fallen, other_seed)))
-        out["fall"] = float(np.mean(right > wrong) + 0.5 * np.mean(right == wrong))
+        seed = evaluation.SEED
+        right = t.disc_logits([world.render(p, seed) for p in held_out], held_out)
+        wrong = t.disc_logits([fallen.render(p, other_seed(seed)) for p in held_out], held_out)
+        out["fall"] = disc_probe.preference(right, wrong)
       return out
 
     curve = [{"step": 0, **probes()}]
