@@ -48,6 +48,19 @@ def oracle_values(physics: dict[str, np.ndarray], score: str) -> np.ndarray:
   return np.nan_to_num(values, nan=1.0 if score in GRAVITY_GAPS else np.nanmax(values))
 
 
+def blur_oracle(values: np.ndarray, noise: float, group_size: int,
+                normal: np.ndarray) -> np.ndarray:
+  """``values`` plus ``noise`` times the pooled within-prompt std of ``values`` times the
+  standard normal draws ``normal``: an oracle whose ranking of a prompt's rollouts correlates
+  about ``1 / sqrt(1 + noise**2)`` with the truth, to measure how good a discriminator's ranking
+  must be for the update to teach physics. With ``group_size`` 1 the whole batch is one group."""
+  if not noise or values.size < 2:
+    return values
+  grouped = values.reshape(-1, group_size) if group_size > 1 else values.reshape(1, -1)
+  spread = np.sqrt(np.mean(np.var(grouped, axis=1, ddof=1)))   # unbiased: the correlation holds
+  return values + noise * spread * np.asarray(normal, np.float64).reshape(values.shape)
+
+
 def validate(config: ml_collections.ConfigDict):
   """Fails before anything is built or compiled, naming the field and the fix."""
   problems = []
@@ -187,6 +200,12 @@ def validate(config: ml_collections.ConfigDict):
     problems.append(f"config.afd.oracle_score={config.afd.oracle_score!r} must be one of "
                     f"{ORACLE_SCORES} (the physics score, one of its terms, a gravity gap or "
                     "the fall's jitter)")
+  noise = config.afd.oracle_noise
+  if not (math.isfinite(noise) and noise >= 0):
+    problems.append(f"config.afd.oracle_noise={noise} must be >= 0 (0: the exact oracle)")
+  elif noise and config.method != "afd_oracle":
+    problems.append(f"config.afd.oracle_noise={noise} blurs afd_oracle's ranking; "
+                    f"config.method={config.method!r} has no oracle (set it to 0)")
   if config.afd.nft_branches not in ("both", "positive"):
     problems.append(f"config.afd.nft_branches={config.afd.nft_branches!r} must be 'both' or "
                     "'positive' (reward-weighted flow matching, no negative branch)")

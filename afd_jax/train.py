@@ -136,8 +136,12 @@ class Trainer:
       physics = self.rollout_physics(x_student, self.step_ids(step))
     if self.method == "afd_oracle":
       score = self.config.afd.oracle_score
-      values = methods.oracle_values(physics, score)
-      r, adv, metrics = self.fns.advantage(np.zeros_like(values), -values)
+      values = ranked = methods.oracle_values(physics, score)
+      if self.config.afd.oracle_noise:   # a noisy ranking, as a discriminator's would be
+        normal = jax.random.normal(jax.random.fold_in(keys["disc"], 0x0AC1E), values.shape)
+        ranked = methods.blur_oracle(values, self.config.afd.oracle_noise,
+                                     self.config.afd.group_size, np.asarray(normal))
+      r, adv, metrics = self.fns.advantage(np.zeros_like(ranked), -ranked)
       metrics["oracle/physics_error"] = float(np.mean(physics["physics_error"]))
       metrics[f"oracle/{score}"] = float(np.mean(values))
     else:   # the discriminator's program computes the advantage too

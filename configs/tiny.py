@@ -117,6 +117,8 @@ def get_config():
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through
   c.afd.oracle_score = "physics_error"  # afd_oracle ranks rollouts by this (one of its terms,
                                        # gravity_gap / gravity_gap_in_chunks, fall_jitter)
+  c.afd.oracle_noise = 0.0              # afd_oracle: Gaussian noise on its score, in units of the
+                                       # within-prompt spread (ranking correlation ~1/sqrt(1+n^2))
 
   c.dmd = ml_collections.ConfigDict()  # distribution matching (method=dmd: distilling a base)
   c.dmd.critic_ratio = 5               # critic updates per student update (Self-Forcing: 5)

@@ -1,6 +1,8 @@
-"""What afd_oracle ranks: an unmeasured value counts as the worst, never as a good one."""
+"""What afd_oracle ranks: an unmeasured value counts as the worst, never as a good one; blurred,
+it ranks as well as its noise says."""
 
 import numpy as np
+import pytest
 
 from afd_jax import methods
 from afd_jax.eval import physics as eval_physics
@@ -28,3 +30,24 @@ def test_every_oracle_score_is_a_lower_is_better_reading_of_the_evaluator():
     read = methods.GRAVITY_GAPS.get(score, score)
     assert read in ("physics_error", *eval_physics.TERMS, *eval_physics.READINGS), score
     assert report.BETTER[read] == ("one" if score in methods.GRAVITY_GAPS else "lower"), score
+
+
+def test_blurred_oracle_ranks_each_prompts_rollouts_as_well_as_its_noise_says():
+  """The noise is in units of the within-prompt spread, so far-apart prompt levels do not
+  drown it, and a prompt's rollouts correlate about 1 / sqrt(1 + noise**2) with the truth."""
+  rng = np.random.default_rng(0)
+  k, prompts = 4, 4000
+  values = rng.normal(size=(prompts, k)) * 0.1 + rng.normal(size=(prompts, 1)) * 10.0
+  normal = rng.normal(size=prompts * k)
+  np.testing.assert_array_equal(methods.blur_oracle(values.ravel(), 0.0, k, normal),
+                                values.ravel())
+  for noise in (1.0, 3.0):
+    blurred = methods.blur_oracle(values.ravel(), noise, k, normal).reshape(prompts, k)
+    a = values - values.mean(1, keepdims=True)
+    b = blurred - blurred.mean(1, keepdims=True)
+    corr = np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+    assert corr == pytest.approx(1.0 / np.sqrt(1.0 + noise ** 2), abs=0.02), noise
+  # One rollout per prompt: the whole batch is one group, its spread the unit.
+  flat = rng.normal(size=1000) * 5.0
+  blurred = methods.blur_oracle(flat, 1.0, 1, normal[:1000])
+  np.testing.assert_allclose(blurred - flat, np.std(flat, ddof=1) * normal[:1000])

@@ -105,6 +105,10 @@ def test_group_size_needs_rollouts_and_the_oracle_a_physics_teacher_and_score():
     methods.validate(small_config(method="afd_oracle"))
   with pytest.raises(ValueError, match="oracle_score='gravity'.*accel_error"):
     methods.validate(small_config(**{"afd.oracle_score": "gravity"}))
+  with pytest.raises(ValueError, match="oracle_noise=-1.0 must be >= 0"):
+    methods.validate(small_config(method="afd_oracle", **{"afd.oracle_noise": -1.0}))
+  with pytest.raises(ValueError, match="oracle_noise=1.0 blurs.*method='afd' has no oracle"):
+    methods.validate(small_config(**{"afd.oracle_noise": 1.0}))
 
 
 def test_an_experiment_refuses_systems_it_would_silently_not_train():
@@ -239,19 +243,23 @@ def test_shared_group_pairs_meet_one_teacher_draw_under_one_noise(tmp_path):
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("score", ["physics_error", "gravity_gap_in_chunks"])
-def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, score):
+@pytest.mark.parametrize("score,noise", [("physics_error", 0.0), ("gravity_gap_in_chunks", 2.0)])
+def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, monkeypatch, score,
+                                                                   noise):
   """``afd_oracle`` scores every rollout with the evaluator (no discriminator in the state), and
   the NFT step receives exactly the advantage of the chosen score (``afd.oracle_score``: the
   physics error, one of its terms or a gravity gap, an unmeasured gap counting as 1); its rank
-  correlation with that score is 1."""
+  correlation with that score is 1. With ``afd.oracle_noise`` the advantage is that of the
+  blurred score, while the logged oracle reading and the diagnostics stay those of the truth."""
   import dataclasses
+  import scipy.stats
   from afd_jax import losses
   cfg = override(demo.get_config(), method="afd_oracle", **{
       "model.checkpoint": "", "model.overrides.dim": 32, "model.overrides.ffn_dim": 64,
       "model.overrides.num_layers": 1, "rollout.denoising_steps": (1000.0, 500.0),
       "data.batch_size": 4, "afd.group_size": 1, "data.num_eval_prompts": 4, "mesh.num_devices": 1,
-      "train.num_steps": 1, "train.checkpoint_every": 0, "afd.oracle_score": score})
+      "train.num_steps": 1, "train.checkpoint_every": 0, "afd.oracle_score": score,
+      "afd.oracle_noise": noise})
   cfg.mode = "train"
   trainer = train.Trainer(cfg, tmp_path)
   assert "disc" not in trainer.state and {"old", "ref"} <= set(trainer.state)
@@ -268,18 +276,31 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, scor
     seen["r"] = np.asarray(r)
     return student(student_state, old, ref, x0, context, r, *rest)
 
+  def blur_spy(values, amount, group_size, normal):
+    seen["blurred"] = blur(values, amount, group_size, normal)
+    seen["normal"] = normal
+    return seen["blurred"]
+
+  blur = train.methods.blur_oracle
+  monkeypatch.setattr(train.methods, "blur_oracle", blur_spy)
   trainer.rollout_physics = physics_spy
   trainer.fns = dataclasses.replace(trainer.fns, student=student_spy)
   with jax.set_mesh(trainer.mesh):
     metrics = trainer._iteration(0, trainer._host_batch(0))
   metrics.update(trainer._pop_diagnostics())
   errors = np.nan_to_num(seen["physics"][score], nan=1.0)
+  ranked = seen.get("blurred", errors)
+  assert ("blurred" in seen) == bool(noise)
   expected = losses.optimality_probability(np.clip(
-      (-errors - np.mean(-errors)) / (np.std(errors) + 1e-4), -5, 5), 5.0)
+      (-ranked - np.mean(-ranked)) / (np.std(ranked) + 1e-4), -5, 5), 5.0)
   np.testing.assert_allclose(seen["r"], expected, rtol=1e-5)
   assert metrics[f"oracle/{score}"] == pytest.approx(np.mean(errors))
   assert metrics["oracle/physics_error"] == pytest.approx(np.mean(seen["physics"]["physics_error"]))
-  assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
+  measured = ~np.isnan(seen["physics"][score])          # the diagnostics leave the rest out
+  truth = scipy.stats.spearmanr(ranked[measured], errors[measured])[0]
+  assert metrics[f"diag/spearman_{score}"] == pytest.approx(truth)
+  if noise:
+    assert np.std(seen["normal"]) > 0.3 and not np.allclose(ranked, errors)
 
 
 def test_with_k_rollouts_per_prompt_the_diagnostics_rank_each_prompts_own_rollouts():
