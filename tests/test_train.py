@@ -301,6 +301,8 @@ def test_oracle_advantage_is_the_normalised_negated_physics_score(tmp_path, monk
   assert metrics[f"diag/spearman_{score}"] == pytest.approx(truth)
   if noise:
     assert np.std(seen["normal"]) > 0.3 and not np.allclose(ranked, errors)
+  else:
+    assert metrics[f"diag/spearman_{score}"] == pytest.approx(1.0)
 
 
 def test_with_k_rollouts_per_prompt_the_diagnostics_rank_each_prompts_own_rollouts():
