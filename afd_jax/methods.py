@@ -244,6 +244,7 @@ def afd_config(config) -> steps.AFDConfig:
       a_max=a.a_max, adv_mode=a.adv_mode, group_size=a.group_size, reg_weight=a.reg_weight,
       disc_tau_max=a.disc_tau_max, disc_tau_min=a.disc_tau_min,
       shared_group_noise=a.group_pairs == "shared", disc_color_jitter=a.disc_color_jitter,
+      score_tau=a.score_tau,
       r1_weight=a.r1_weight, r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
       old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",

@@ -47,6 +47,8 @@ class AFDConfig:
   disc_tau_max: float = 0.1
   disc_tau_min: float = 0.0        # > 0: the discriminator never sees a clean video
   shared_group_noise: bool = False  # a prompt's K pairs share one augmentation draw
+  score_tau: float = -1.0          # >= 0: the advantage's logits at this one noise level, one
+                                   # draw per prompt (-1: the training draw's own logits)
   disc_color_jitter: float = 0.0   # > 0: every video the discriminator sees gets its own RGB
                                    # gains exp(U[-a, a]) (pixel latents; teacher and student alike)
   r1_weight: float = 0.0
@@ -78,6 +80,8 @@ class AFDConfig:
     if not 0.0 <= self.disc_color_jitter < float("inf"):
       raise errors.UserError(f"disc_color_jitter must be a finite number >= 0, got "
                              f"{self.disc_color_jitter}.")
+    if not (self.score_tau == -1.0 or 0.0 <= self.score_tau < 1.0):
+      raise errors.UserError(f"score_tau must be -1 (off) or lie in [0, 1), got {self.score_tau}.")
     if not 0.0 <= self.disc_tau_min <= self.disc_tau_max <= 1.0:
       raise errors.UserError(f"discriminator noise levels need 0 <= disc_tau_min ({self.disc_tau_min}) "
                        f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
@@ -195,6 +199,11 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   takes no optimizer state and returns only the outputs, not a copy of the discriminator.
   ``with_advantage``: ``out`` also holds AFD's ``r`` and ``advantage`` of the pre-update logits
   (and their statistics in ``metrics``), so scoring and advantage are one program.
+
+  With ``cfg.score_tau`` >= 0 the returned logits (and the advantage) are the pre-update
+  discriminator's at that one noise level, with one noise draw per prompt shared by its K pairs,
+  instead of those of the training draw: a level and a draw of its own per rollout rank a
+  prompt's rollouts mostly by the draw (``docs/results/what_limits_afd.md``, section 18).
   """
 
   def logits_fn(params, x, t, context, frozen):
@@ -230,8 +239,29 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
       parts.update({"disc/r1": r1, "disc/r2": r2})
     return loss, (teacher, student, parts)
 
+  def fixed_level_logits(params, x_teacher, x_student, context, key, frozen):
+    """``(teacher, student)`` logits at ``score_tau``, one noise draw per prompt's group."""
+    b, g = x_teacher.shape[0], cfg.group_size
+    eps = jnp.repeat(jax.random.normal(jax.random.fold_in(key, 0x5C0E),
+                                       (b // g, *x_teacher.shape[1:]), x_teacher.dtype), g, axis=0)
+    tau = jnp.full((b,), cfg.score_tau, jnp.float32)
+
+    def scored(micro):
+      xt, xs, ctx, e, s = micro
+      x = jnp.concatenate([flow.add_noise(xt, e, s), flow.add_noise(xs, e, s)])
+      logits = logits_fn(params, x, jnp.concatenate([s, s]) * flow.NUM_TRAIN_TIMESTEPS,
+                         jnp.concatenate([ctx, ctx]), frozen)
+      return logits[:xt.shape[0]], logits[xt.shape[0]:]
+
+    m = cfg.micro_batches
+    teacher, student = jax.lax.map(scored, jax.tree.map(
+        lambda a: split_micro(a, m), (x_teacher, x_student, context, eps, tau)))
+    return merge_micro(teacher), merge_micro(student)
+
   def step(params, opt_state, x_teacher, x_student, context, key, frozen=None):
     b = x_teacher.shape[0]
+    fixed = (fixed_level_logits(params, x_teacher, x_student, context, key, frozen)
+             if cfg.score_tau >= 0 else None)
     k_tau, k_eps, k_r = jax.random.split(key, 3)
     if cfg.disc_color_jitter:
       gains = color_gains(key, b, cfg.disc_color_jitter)
@@ -266,6 +296,8 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
                              "disc/accuracy": losses.bt_accuracy(teacher, student),
                              "disc/teacher_logit": jnp.mean(teacher),
                              "disc/student_logit": jnp.mean(student)})
+    if fixed is not None:
+      teacher, student = fixed
     out = {"teacher_logits": teacher, "student_logits": student, "metrics": metrics}
     if with_advantage:
       out["r"], out["advantage"], adv_metrics = advantage(teacher, student, cfg)

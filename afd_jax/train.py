@@ -228,12 +228,12 @@ class Trainer:
     if not self._diagnostics:
       return {}
     k = self.config.afd.group_size
-    advantage = np.concatenate([_centred_per_prompt(a.reshape(len(a), -1).mean(1), k)
+    advantage = np.concatenate([centred_per_prompt(a.reshape(len(a), -1).mean(1), k)
                                 for a, _ in self._diagnostics])
-    physics = {key: np.concatenate([_centred_per_prompt(p[key], k) for _, p in self._diagnostics])
+    physics = {key: np.concatenate([centred_per_prompt(p[key], k) for _, p in self._diagnostics])
                for key in self._diagnostics[0][1]}
     self._diagnostics = []
-    return _rank_correlations(advantage, physics)
+    return rank_correlations(advantage, physics)
 
   def step_ids(self, step: int) -> np.ndarray:
     """The global prompt id of every row of step ``step`` (K rows per prompt)."""
@@ -309,6 +309,16 @@ class Trainer:
             "the weights the run started from, or use a new --workdir.")
     logging.info("resumed from step %d in %s", step, ckpt.directory)
     return step
+
+  def restore(self) -> int:
+    """Loads the workdir's last checkpoint without training (tools that read a finished run);
+    returns its step, 0 where there is none."""
+    ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep_last=self.config.train.keep_last,
+                                 keep_every=self.config.train.keep_every)
+    try:
+      return self._restore(ckpt)
+    finally:
+      ckpt.close()
 
   @property
   def abstract(self) -> bool:
@@ -508,7 +518,7 @@ class _Clock:
     self._t0 = now
 
 
-def _centred_per_prompt(values: np.ndarray, group_size: int) -> np.ndarray:
+def centred_per_prompt(values: np.ndarray, group_size: int) -> np.ndarray:
   """Each prompt's ``group_size`` rollouts (consecutive rows) less their mean over the measured
   ones; unchanged for one rollout per prompt."""
   if group_size == 1:
@@ -519,7 +529,7 @@ def _centred_per_prompt(values: np.ndarray, group_size: int) -> np.ndarray:
     return (groups - np.nanmean(groups, 1, keepdims=True)).reshape(-1)
 
 
-def _rank_correlations(advantage, physics) -> dict:
+def rank_correlations(advantage, physics) -> dict:
   """Spearman correlation of the advantage with the negated physics error, each of its terms and
   the distance of the shown gravity from the prompt's (positive: the advantage favours rollouts
   with better physics), over the rollouts where a value was measured; NaN where it is constant."""

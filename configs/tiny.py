@@ -101,6 +101,8 @@ def get_config():
                                        # gets its own RGB gains exp(U[-a, a])
   c.afd.group_pairs = "own"            # K > 1: own (each rollout its teacher draw and noise) |
                                        # shared (a prompt's K pairs: one draw, one noise)
+  c.afd.score_tau = -1.0               # >= 0: advantages from the pre-update logits at this noise
+                                       # level, one draw per prompt; -1: the training draw's
   c.afd.r1_weight = 0.0
   c.afd.r2_weight = 0.0
   c.afd.penalty_sigma = 0.01

@@ -86,6 +86,46 @@ def test_color_jitter_scales_each_videos_rgb_in_pixel_space(tiny_model, batch):
     steps.AFDConfig(disc_color_jitter=-0.1)
 
 
+def test_fixed_level_scores_give_a_prompts_rollouts_one_noise_draw(tiny_model, batch):
+  """``score_tau``: the advantage's logits are the pre-update discriminator's at that one level,
+  with one noise draw per prompt, so two equal rollouts of a prompt score alike (with a draw of
+  their own they do not), whatever the training augmentation draws."""
+  teacher, student_x, context = batch
+  disc = randomize(D.init(tiny_model, D.DiscriminatorConfig((0, 1), 96)), seed=4)
+  graphdef, params = nnx.split(disc)
+  tx = steps.adamw(1e-3)
+  twins = jnp.repeat(student_x[:1], 2, axis=0)          # one prompt's two equal rollouts
+  ctx = jnp.repeat(context[:1], 2, axis=0)
+
+  def scores(key=0, **changes):
+    cfg = dataclasses.replace(CFG, **{"disc_tau_max": 0.5, **changes})
+    return jax.jit(steps.make_disc_step(graphdef, tx, cfg, update=False))(
+        params, teacher, twins, ctx, jax.random.key(key))["student_logits"]
+
+  own = scores(group_size=2)
+  assert abs(float(own[0] - own[1])) > 1e-4               # the training draws: own level, own noise
+  fixed = scores(group_size=2, score_tau=0.4)
+  np.testing.assert_array_equal(fixed[0], fixed[1])
+  np.testing.assert_array_equal(fixed, scores(group_size=2, score_tau=0.4, disc_tau_max=0.1))
+  separate = scores(group_size=1, score_tau=0.4)          # one prompt per pair: its own draw
+  assert abs(float(separate[0] - separate[1])) > 1e-4
+
+  # At level 0 they are the clean videos' logits; the update step returns the same pre-update
+  # logits and the advantage of exactly them.
+  cfg = dataclasses.replace(CFG, score_tau=0.0, group_size=2)
+  t0 = jnp.zeros((2,))
+  np.testing.assert_allclose(scores(group_size=2, score_tau=0.0), disc(twins, t0, ctx), rtol=1e-5)
+  step = jax.jit(steps.make_disc_step(graphdef, tx, cfg, with_advantage=True))
+  _, _, out = step(params, tx.init(params), teacher, student_x, context, jax.random.key(3))
+  np.testing.assert_allclose(out["teacher_logits"], disc(teacher, t0, context), rtol=1e-5)
+  np.testing.assert_allclose(out["student_logits"], disc(student_x, t0, context), rtol=1e-5)
+  np.testing.assert_allclose(out["advantage"], steps.advantage(
+      out["teacher_logits"], out["student_logits"], cfg)[1], rtol=1e-6)
+  for bad in (-0.5, 1.0):
+    with pytest.raises(ValueError, match="score_tau"):
+      steps.AFDConfig(score_tau=bad)
+
+
 def test_disc_training_separates_teacher_from_student(tiny_model, batch):
   teacher, student_x, context = batch
   disc = D.init(tiny_model, D.DiscriminatorConfig((1,), 96), seed=2)

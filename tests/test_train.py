@@ -318,7 +318,7 @@ def test_with_k_rollouts_per_prompt_the_diagnostics_rank_each_prompts_own_rollou
   within = train.Trainer._pop_diagnostics(window(3))["diag/spearman_physics_error"]
   pooled = train.Trainer._pop_diagnostics(window(1))["diag/spearman_physics_error"]
   assert within == pytest.approx(1.0) and pooled < 0.75
-  np.testing.assert_allclose(train._centred_per_prompt(np.array([np.nan, np.nan, 1.0, 2.0]), 2),
+  np.testing.assert_allclose(train.centred_per_prompt(np.array([np.nan, np.nan, 1.0, 2.0]), 2),
                              [np.nan, np.nan, -0.5, 0.5])
 
 
