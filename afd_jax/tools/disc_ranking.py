@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from afd_jax import checkpoint as ckpt_lib  # noqa: E402
 from afd_jax import errors, evaluation, flow, methods, steps, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "The run's config (physics "
@@ -56,10 +57,13 @@ def run(config, workdir, student: str = "base", rollouts: int = 8,
   if rollouts < 2 or repeats < 1 or not all(0.0 <= t < 1.0 for t in levels):
     raise errors.UserError(f"--rollouts ({rollouts}) must be >= 2, --repeats ({repeats}) >= 1 "
                            f"and every level in [0, 1) ({list(levels)}).")
-  t = train.Trainer(config, workdir)
-  if not t.restore():
+  if not ckpt_lib.has_checkpoints(Path(workdir) / "checkpoints"):
     raise errors.UserError(f"no checkpoint in {Path(workdir) / 'checkpoints'}: point --workdir at "
                            "a trained run's method folder (e.g. runs/demo/afd) and pass its config.")
+  t = train.Trainer(config, workdir)
+  if not t.restore():
+    raise errors.UserError(f"no checkpoint in {Path(workdir) / 'checkpoints'} could be restored "
+                           "(each was damaged and moved aside); train the run again.")
   params = t.initial_student() if student == "base" else t.state["student"]["ema"]
   ids = t.evaluator.eval_ids()
   x = np.stack([t.evaluator.sample(params, ids, evaluation.SEED + 101 * k)
