@@ -209,14 +209,19 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
   def logits_fn(params, x, t, context, frozen):
     return merged(graphdef, lora, frozen, params)(x, t, context)
 
+  def noised_pairs(x_teacher, x_student, context, eps, tau):
+    """Both videos of each pair under its one noise draw and level, teacher rows first: the
+    discriminator's input ``(x, t, context)``."""
+    return (jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)]),
+            jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS,
+            jnp.concatenate([context, context]))
+
   def loss_fn(params, micro, frozen):
     """One micro-batch; its noise and mismatched teacher videos are drawn for the whole batch
     beforehand (the same whatever the micro-batching)."""
     x_teacher, x_student, context, tau, eps, delta, x_mismatch = micro
     b = x_teacher.shape[0]
-    x = jnp.concatenate([flow.add_noise(x_teacher, eps, tau), flow.add_noise(x_student, eps, tau)])
-    t = jnp.concatenate([tau, tau]) * flow.NUM_TRAIN_TIMESTEPS
-    ctx = jnp.concatenate([context, context])
+    x, t, ctx = noised_pairs(x_teacher, x_student, context, eps, tau)
     if cfg.mismatch_weight > 0:  # in the same call: another prompt's teacher video, this prompt
       logits = logits_fn(params, jnp.concatenate([x, flow.add_noise(x_mismatch, eps, tau)]),
                          jnp.concatenate([t, t[:b]]), jnp.concatenate([ctx, context]), frozen)
@@ -247,11 +252,8 @@ def make_disc_step(graphdef, tx: optax.GradientTransformation, cfg: AFDConfig,
     tau = jnp.full((b,), cfg.score_tau, jnp.float32)
 
     def scored(micro):
-      xt, xs, ctx, e, s = micro
-      x = jnp.concatenate([flow.add_noise(xt, e, s), flow.add_noise(xs, e, s)])
-      logits = logits_fn(params, x, jnp.concatenate([s, s]) * flow.NUM_TRAIN_TIMESTEPS,
-                         jnp.concatenate([ctx, ctx]), frozen)
-      return logits[:xt.shape[0]], logits[xt.shape[0]:]
+      logits = logits_fn(params, *noised_pairs(*micro), frozen)
+      return logits[:micro[0].shape[0]], logits[micro[0].shape[0]:]
 
     m = cfg.micro_batches
     teacher, student = jax.lax.map(scored, jax.tree.map(

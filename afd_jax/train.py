@@ -310,11 +310,15 @@ class Trainer:
     logging.info("resumed from step %d in %s", step, ckpt.directory)
     return step
 
+  def _checkpointer(self) -> ckpt_lib.Checkpointer:
+    t = self.config.train
+    return ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep_last=t.keep_last,
+                                 keep_every=t.keep_every)
+
   def restore(self) -> int:
     """Loads the workdir's last checkpoint without training (tools that read a finished run);
     returns its step, 0 where there is none."""
-    ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep_last=self.config.train.keep_last,
-                                 keep_every=self.config.train.keep_every)
+    ckpt = self._checkpointer()
     try:
       return self._restore(ckpt)
     finally:
@@ -360,8 +364,7 @@ class Trainer:
   def _run(self) -> dict:
     config = self.config
     total = config.train.num_steps
-    ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep_last=config.train.keep_last,
-                                 keep_every=config.train.keep_every)
+    ckpt = self._checkpointer()
     try:
       start = self._good_step = self._restore(ckpt)
     except BaseException:
