@@ -11,7 +11,8 @@
    stand-in for Self-Forcing / Causal-Forcing: sharp in four steps, wrong in motion).
 
 Both stages generate frame by frame (``rollout.chunk_frames=1``), as the frame-wise Self-Forcing
-student does: 47 + 13 minutes on 2 cores (2026-12-06).
+student does: 42 + 11 minutes on 2 cores. Rerun on 2026-12-07, it rebuilt the shipped checkpoint
+bit for bit.
 
 The DMD student is what AFD and the baselines start from. Each stage trains in its own folder
 under ``--workdir`` (checkpointed; run the command again to resume) and exports its EMA
