@@ -106,6 +106,14 @@ def validate(config: ml_collections.ConfigDict):
     problems.append(f"config.disc.loss={config.disc.loss!r} is not one of {losses.DISC_LOSSES}")
   if config.disc.input not in disc_lib.INPUTS:
     problems.append(f"config.disc.input={config.disc.input!r} is not one of {disc_lib.INPUTS}")
+  elif config.disc.input == "coarse":
+    pool = config.disc.coarse_pool
+    if not isinstance(pool, int) or pool < 1 or d.height % pool or d.width % pool:
+      problems.append(f"config.disc.coarse_pool={pool!r} must be an integer >= 1 dividing the "
+                      f"{d.height}x{d.width} latent grid")
+    if config.disc.per_chunk:
+      problems.append("config.disc.input='coarse' standardises each video over all its frames, "
+                      "so a chunk's prefix logit would see its future: use per_chunk=False")
   if not isinstance(config.afd.disc_steps, int) or config.afd.disc_steps < 1:
     problems.append(f"config.afd.disc_steps={config.afd.disc_steps!r} must be an integer >= 1 "
                     "(discriminator updates per iteration)")

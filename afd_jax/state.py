@@ -51,6 +51,7 @@ def build_discriminator(config, student: wan.WanModel, shardings=None,
                                      readout_ffn_dim=config.disc.readout_ffn_dim,
                                      freeze_below=config.disc.freeze_below,
                                      input=config.disc.input,
+                                     coarse_pool=config.disc.coarse_pool,
                                      chunk_frames=(config.rollout.chunk_frames
                                                    if config.disc.per_chunk else 0))
   path, seed = config.disc.checkpoint, config.seed + 1

@@ -46,7 +46,9 @@ def get_config():
   c.disc.loss = "bt"                   # bt (prompt-paired Bradley-Terry) | gan (unpaired)
   c.disc.mismatch_weight = 0.0         # > 0: also rank teacher videos above the nearest other
                                        # prompt's under their own prompt (0: the paper's recipe)
-  c.disc.input = "video"               # video | motion: the frame-to-frame change (what moves)
+  c.disc.input = "video"               # video | motion: the frame-to-frame change (what moves) |
+                                       # coarse: standardised per channel, pooled over cells
+  c.disc.coarse_pool = 2               # input=coarse: latent cells averaged per side
   c.disc.per_chunk = False             # True: block-causal trunk, one logit per chunk prefix and a
                                        # per-chunk advantage (afd_method.md 6.6; False: the paper's)
 

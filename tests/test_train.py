@@ -94,6 +94,13 @@ def test_config_errors_name_the_field(key, value, message):
   assert "\n" not in str(e.value)  # one problem, one line
 
 
+def test_a_coarse_discriminator_input_needs_a_pool_that_divides_the_grid_and_whole_videos():
+  with pytest.raises(errors.UserError, match="coarse_pool=5 must be an integer >= 1 dividing"):
+    methods.validate(small_config(**{"disc.input": "coarse", "disc.coarse_pool": 5}))
+  with pytest.raises(errors.UserError, match="use per_chunk=False"):
+    methods.validate(small_config(**{"disc.input": "coarse", "disc.per_chunk": True}))
+
+
 def test_a_zero_discriminator_lr_is_an_ablation_not_an_error():
   methods.validate(small_config(**{"optim.disc.lr": 0.0}))
 

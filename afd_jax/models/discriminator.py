@@ -16,12 +16,17 @@ With ``input="motion"`` the trunk reads the frame-to-frame change of its input (
 change is zero) instead of the frames: what stays still in a video, its background, brightness
 and the look of its objects where they do not move, is no longer there to tell teacher from
 student, so the ranking is left to how things move (``docs/results/what_limits_afd.md``, 13).
+With ``input="coarse"`` it reads each video averaged over ``coarse_pool`` x ``coarse_pool`` latent
+cells and standardised per channel over its frames and cells (no texture inside a cell, and no
+colour or brightness offset or gain, survives): where things are and how they move
+(``what_limits_afd.md``, 21).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,7 +36,7 @@ from afd_jax.models import attention as attn_lib
 from afd_jax.models import wan
 
 
-INPUTS = ("video", "motion")
+INPUTS = ("video", "motion", "coarse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,8 @@ class DiscriminatorConfig:
   freeze_below: int = 0                            # blocks < this get no gradient; 0 = none
   head_eps: float = 1e-5
   chunk_frames: int = 0                            # > 0: one logit per chunk prefix (block-causal)
-  input: str = "video"                             # video | motion (frame-to-frame change)
+  input: str = "video"                             # video | motion | coarse (see the docstring)
+  coarse_pool: int = 2                             # input="coarse": latent cells averaged per side
 
   def validate(self, trunk: wan.WanConfig):
     layers = self.readout_layers
@@ -56,6 +62,22 @@ class DiscriminatorConfig:
       raise errors.UserError(f"chunk_frames={self.chunk_frames} must be >= 0 (0: one logit per video).")
     if self.input not in INPUTS:
       raise errors.UserError(f"disc input {self.input!r} is not one of {INPUTS}.")
+    if self.input == "coarse" and (self.coarse_pool < 1 or self.chunk_frames):
+      raise errors.UserError(f"disc input 'coarse' needs coarse_pool >= 1 (got {self.coarse_pool}) "
+                             "and no per-chunk logits (its standardisation reads every frame).")
+
+
+def coarse_view(latents, pool: int):
+  """``[B, F, H, W, C]`` -> the same shape: each video averaged over ``pool x pool`` cells, then
+  standardised per channel over its frames and cells, and repeated back onto the grid."""
+  h, w = latents.shape[2:4]
+  if h % pool or w % pool:
+    raise errors.UserError(f"disc coarse_pool={pool} does not divide the {h}x{w} latent grid; "
+                           "pick a divisor of both.")
+  x = einops.reduce(latents, "b f (h p) (w q) c -> b f h w c", "mean", p=pool, q=pool)
+  x = x - x.mean(axis=(1, 2, 3), keepdims=True)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=(1, 2, 3), keepdims=True) + 1e-4)
+  return einops.repeat(x, "b f h w c -> b f (h p) (w q) c", p=pool, q=pool)
 
 
 class ReadoutBlock(nnx.Module):
@@ -109,6 +131,8 @@ class Discriminator(nnx.Module):
     f = self.config.chunk_frames
     if self.config.input == "motion":
       latents = jnp.concatenate([jnp.zeros_like(latents[:, :1]), jnp.diff(latents, axis=1)], 1)
+    elif self.config.input == "coarse":
+      latents = coarse_view(latents, self.config.coarse_pool)
     feats = self.trunk.features(latents, timesteps, context, self.config.readout_layers,
                                 text_kv=text_kv, stop_gradient_below=self.config.freeze_below,
                                 chunk_frames=f)
