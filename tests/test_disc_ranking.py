@@ -42,6 +42,16 @@ def test_disc_ranking_scores_each_prompts_rollouts_as_training_and_at_fixed_leve
   assert all(not math.isnan(r["diag/spearman_brightness"]) for r in result.values())
   assert "scored" in run.stdout and "tau=0.5" in run.stdout
 
+  # As training draws them with one noise draw per prompt and colour gains: other scores.
+  shared = tmp_path / "shared.json"
+  run = _tool(f"--workdir={run_dir}", "--rollouts=3", "--levels=0,0.5", "--repeats=2",
+              f"--out={shared}", "--config.afd.group_pairs=shared",
+              "--config.afd.disc_color_jitter=0.5")
+  assert run.returncode == 0, run.stderr[-3000:]
+  again = json.loads(shared.read_text())
+  assert again["tau=0"] == result["tau=0"]   # clean, ungained scores: as afd.score_tau=0 reads
+  assert again["training"] != result["training"]
+
   empty = _tool(f"--workdir={tmp_path / 'none'}")
   assert empty.returncode == 2 and "no checkpoint in" in empty.stderr
   bad = _tool(f"--workdir={run_dir}", "--rollouts=1")

@@ -8,8 +8,9 @@ discriminator orders a prompt's own rollouts. This tool loads a run's last check
 (``--workdir``: the method's folder; ``--config`` and its flags: the run's), rolls out
 ``--rollouts`` videos of each held-out prompt from the base (``--student=base``) or the run's
 EMA student (``trained``), and scores them with the run's discriminator two ways: as training
-scores them (each rollout its own noise level in U[tau_min, tau_max] and its own noise draw,
-averaged over ``--repeats`` draws), and at each fixed level of ``--levels`` with one draw per
+scores them (each rollout its own noise level in U[tau_min, tau_max] and its own noise draw, or
+one of each per prompt with ``afd.group_pairs=shared``, and its own RGB gains with
+``afd.disc_color_jitter``; averaged over ``--repeats`` draws), and at each fixed level of ``--levels`` with one draw per
 prompt (``afd.score_tau``). For each way it prints the Spearman correlation, over every
 rollout with scores and values centred per prompt (the ``diag/spearman_*`` of training), of the
 score with each negated physics term, the negated speed gap and the negated brightness:
@@ -79,22 +80,31 @@ def run(config, workdir, student: str = "base", rollouts: int = 8,
   contexts = np.asarray(t.pool.embeddings[ids])
   rng = np.random.default_rng(config.seed)
 
-  def scores(tau, eps):
+  def scores(tau, eps, gains=None):
     """Logits ``[prompts * K]`` of each prompt's rollouts at levels ``tau [prompts, K]``, noise
-    ``eps`` (broadcast to ``[prompts, K, ...]``); a per-chunk discriminator's last chunk."""
+    ``eps`` (broadcast to ``[prompts, K, ...]``), RGB ``gains [prompts, K, 3]`` (or none); a
+    per-chunk discriminator's last chunk."""
     out = []
     for p in range(len(ids)):
       s = jnp.asarray(tau[p], jnp.float32)
-      noisy = flow.add_noise(jnp.asarray(x[p]), jnp.asarray(np.broadcast_to(eps[p], x[p].shape),
-                                                            x.dtype), s)
+      video = jnp.asarray(x[p]) if gains is None else steps.apply_gains(
+          jnp.asarray(x[p]), jnp.asarray(gains[p], x.dtype))
+      noisy = flow.add_noise(video, jnp.asarray(np.broadcast_to(eps[p], x[p].shape), x.dtype), s)
       z = logits(noisy, s, jnp.asarray(np.repeat(contexts[p:p + 1], rollouts, 0)))
       out.append(np.asarray(z[:, -1] if z.ndim == 2 else z))
     return train.centred_per_prompt(np.concatenate(out), rollouts)
 
   a = config.afd
-  training = [train.rank_correlations(scores(
-      rng.uniform(a.disc_tau_min, a.disc_tau_max, (len(ids), rollouts)),
-      rng.standard_normal(x.shape).astype(x.dtype)), values) for _ in range(repeats)]
+  draws = 1 if a.group_pairs == "shared" else rollouts   # noise draws per prompt, as training
+
+  def as_training():
+    tau = rng.uniform(a.disc_tau_min, a.disc_tau_max, (len(ids), draws))
+    eps = rng.standard_normal((len(ids), draws, *x.shape[2:])).astype(x.dtype)
+    gains = (np.exp(rng.uniform(-a.disc_color_jitter, a.disc_color_jitter, (len(ids), rollouts, 3)))
+             if a.disc_color_jitter else None)
+    return scores(np.repeat(tau, rollouts // draws, 1), eps, gains)
+
+  training = [train.rank_correlations(as_training(), values) for _ in range(repeats)]
   result = {"training": {k: float(np.mean([r[k] for r in training])) for k in training[0]}}
   for level in levels:
     eps = rng.standard_normal((len(ids), 1, *x.shape[2:])).astype(x.dtype)   # one per prompt
