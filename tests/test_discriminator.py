@@ -48,17 +48,18 @@ def test_a_motion_discriminator_reads_only_what_changes_between_frames(tiny_mode
 
 def test_a_coarse_discriminator_reads_where_things_are_not_their_looks(tiny_model, inputs):
   """``input="coarse"``: a per-channel gain and offset of one video (up to the standardisation's
-  epsilon), or texture that averages out inside a pooled cell, leaves its logit as it was; moving content from one cell to another
-  changes it."""
+  epsilon), or texture that averages out inside a pooled cell, leaves its logit as it was;
+  moving content from one cell to another changes it."""
   latents, context = inputs
   coarse = jitted(randomize(D.init(tiny_model, D.DiscriminatorConfig((1, 0), 96, input="coarse"),
                                    seed=1), seed=3))
   t = jnp.array([0.0, 200.0])
   logits = coarse(latents, t, context)
-  gain = jnp.array([1.3, 0.7])[:, None, None, None, None] * jnp.linspace(0.8, 1.2, latents.shape[-1])
+  gain = (jnp.array([1.3, 0.7])[:, None, None, None, None]
+          * jnp.linspace(0.8, 1.2, latents.shape[-1]))
   np.testing.assert_allclose(coarse(latents * gain - 0.4, t, context), logits, atol=1e-3)  # eps
   checker = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
-  texture = jnp.tile(checker, (latents.shape[2] // 2, latents.shape[3] // 2))[None, None, :, :, None]
+  texture = jnp.tile(checker, (latents.shape[2] // 2, latents.shape[3] // 2))[None, None, ..., None]
   np.testing.assert_allclose(coarse(latents + 0.5 * texture, t, context), logits, atol=1e-4)
   moved = latents.at[:, 1, :2, :2].add(1.0).at[:, 1, 2:, 2:4].add(-1.0)
   assert float(jnp.abs(coarse(moved, t, context) - logits).min()) > 1e-4

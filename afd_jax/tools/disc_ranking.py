@@ -6,16 +6,15 @@
 With K rollouts per prompt AFD's advantage is centred per prompt, so all it can use is how the
 discriminator orders a prompt's own rollouts. This tool loads a run's last checkpoint
 (``--workdir``: the method's folder; ``--config`` and its flags: the run's), rolls out
-``--rollouts`` videos of each held-out prompt from the base (``--student=base``) or the run's
-EMA student (``trained``), and scores them with the run's discriminator two ways: as training
-scores them (each rollout its own noise level in U[tau_min, tau_max] and its own noise draw, or
-one of each per prompt with ``afd.group_pairs=shared``, and its own RGB gains with
-``afd.disc_color_jitter``; averaged over ``--repeats`` draws), and at each fixed level of ``--levels`` with one draw per
-prompt (``afd.score_tau``). For each way it prints the Spearman correlation, over every
-rollout with scores and values centred per prompt (the ``diag/spearman_*`` of training), of the
-score with each negated physics term, the negated speed gap and the negated brightness:
-positive where the discriminator prefers the rollouts with better physics, a pace nearer the
-teacher's, or darker frames.
+``--rollouts`` videos of each held-out prompt from the base (``--student=base``) or the run's EMA
+student (``trained``), and scores them with the run's discriminator two ways: as training scores
+them (each rollout its own noise level in U[tau_min, tau_max] and its own noise draw, or one of each
+per prompt with ``afd.group_pairs=shared``, and its own RGB gains with ``afd.disc_color_jitter``;
+averaged over ``--repeats`` draws), and at each fixed level of ``--levels`` with one draw per prompt
+(``afd.score_tau``). For each way it prints the Spearman correlation, over every rollout with scores
+and values centred per prompt (the ``diag/spearman_*`` of training), of the score with each negated
+physics term, the negated speed gap and the negated brightness: positive where the discriminator
+prefers the rollouts with better physics, a pace nearer the teacher's, or darker frames.
 """
 
 from __future__ import annotations
