@@ -99,8 +99,11 @@ def run(config, workdir, student: str = "base", rollouts: int = 8,
   def as_training():
     tau = rng.uniform(a.disc_tau_min, a.disc_tau_max, (len(ids), draws))
     eps = rng.standard_normal((len(ids), draws, *x.shape[2:])).astype(x.dtype)
-    gains = (np.exp(rng.uniform(-a.disc_color_jitter, a.disc_color_jitter, (len(ids), rollouts, 3)))
-             if a.disc_color_jitter else None)
+    gains = None
+    if a.disc_color_jitter:   # the student side of training's own draw
+      key = jax.random.key(rng.integers(2**31))
+      gains = np.asarray(steps.color_gains(key, x.shape[0] * rollouts, a.disc_color_jitter))
+      gains = gains[:, 1].reshape(*x.shape[:2], 3)
     return scores(np.repeat(tau, rollouts // draws, 1), eps, gains)
 
   training = [train.rank_correlations(as_training(), values) for _ in range(repeats)]
