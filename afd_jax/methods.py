@@ -117,6 +117,10 @@ def validate(config: ml_collections.ConfigDict):
   if not isinstance(config.afd.disc_steps, int) or config.afd.disc_steps < 1:
     problems.append(f"config.afd.disc_steps={config.afd.disc_steps!r} must be an integer >= 1 "
                     "(discriminator updates per iteration)")
+  n = config.afd.student_steps
+  if not isinstance(n, int) or n < 1 or (n > 1 and config.method not in NFT):
+    problems.append(f"config.afd.student_steps={n!r} must be an integer >= 1, and 1 unless the "
+                    f"method is one of {NFT} (NFT updates per iteration on its rollouts)")
   if config.afd.group_pairs not in ("own", "shared"):
     problems.append(f"config.afd.group_pairs={config.afd.group_pairs!r} must be 'own' (each of a "
                     "prompt's K rollouts with its own teacher draw and noise) or 'shared'")
@@ -255,7 +259,8 @@ def afd_config(config) -> steps.AFDConfig:
       score_tau=a.score_tau,
       r1_weight=a.r1_weight, r2_weight=a.r2_weight,
       penalty_sigma=a.penalty_sigma, ema_decay=a.ema_decay, ema_start=a.ema_start,
-      old_decay_type=a.old_decay_type, negative_branch=a.nft_branches == "both",
+      old_decay_type=a.old_decay_type, student_steps=a.student_steps,
+      negative_branch=a.nft_branches == "both",
       micro_batches=config.train.micro_batches, disc_loss=config.disc.loss,
       mismatch_weight=config.disc.mismatch_weight,
       dmd_sigma=tuple(config.dmd.sigma_range), dmd_guidance=config.dmd.guidance_scale,

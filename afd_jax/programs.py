@@ -110,10 +110,23 @@ def _make_step_fns(config, nets: Networks, mesh, latent_shape) -> StepFns:
     fns.advantage = jax.jit(lambda t, s: steps.advantage(t, s, afd))
   student_step = steps.make_student_step(graph, nets.tx_student, afd, lora=lora)
 
+  n = afd.student_steps
+
   def student_and_old(student, old, ref, x0, context, r, key, step, frozen=None):
-    """The NFT update, then the old policy's move toward the new parameters."""
-    student, metrics = student_step(student, old, ref, x0, context, r, key, step, frozen)
-    eta = steps.old_policy_eta(step + 1, afd.old_decay_type)
+    """``afd.student_steps`` NFT updates on the iteration's rollouts, each with its own noise
+    levels and noise (DiffusionNFT's inner epochs; the first draws as one update does), then the
+    old policy's one move toward the new parameters; both count optimizer steps, as
+    DiffusionNFT's do."""
+    if n == 1:
+      student, metrics = student_step(student, old, ref, x0, context, r, key, step, frozen)
+    else:
+      keys = jnp.stack([key] + [jax.random.fold_in(key, i) for i in range(1, n)])
+      student, metrics = jax.lax.scan(
+          lambda s, inputs: student_step(s, old, ref, x0, context, r, inputs[0],
+                                         step * n + inputs[1], frozen),
+          student, (keys, jnp.arange(n)))
+      metrics = jax.tree.map(jnp.mean, metrics)
+    eta = steps.old_policy_eta((step + 1) * n, afd.old_decay_type)
     return student, steps.update_old(old, student["params"], eta), metrics
 
   fns.student = jax.jit(student_and_old, donate_argnums=(0, 1),

@@ -57,6 +57,7 @@ class AFDConfig:
   ema_decay: float = 0.99
   ema_start: int = 200
   old_decay_type: int = 1
+  student_steps: int = 1           # NFT optimizer steps per iteration on its rollouts
   negative_branch: bool = True     # False: reward-weighted flow matching (positive branch only)
   micro_batches: int = 1           # gradients accumulated over this many slices of the batch
   disc_loss: str = "bt"            # "bt": prompt-paired Bradley-Terry; "gan": unpaired logistic
@@ -87,8 +88,9 @@ class AFDConfig:
                        f"<= disc_tau_max ({self.disc_tau_max}) <= 1.")
     if not self.mismatch_weight >= 0.0:
       raise errors.UserError(f"mismatch_weight must be >= 0, got {self.mismatch_weight}.")
-    if self.micro_batches < 1:
-      raise errors.UserError(f"micro_batches={self.micro_batches} must be >= 1.")
+    if self.micro_batches < 1 or self.student_steps < 1:
+      raise errors.UserError(f"micro_batches ({self.micro_batches}) and student_steps "
+                             f"({self.student_steps}) must be >= 1.")
     if not 0.0 <= self.text_dropout < 1.0 or not self.dmd_guidance > 0.0:
       raise errors.UserError(f"text_dropout ({self.text_dropout}) must lie in [0, 1) and "
                              f"dmd_guidance ({self.dmd_guidance}) must be positive.")

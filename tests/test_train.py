@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from afd_jax import checkpoint as ckpt_lib
@@ -24,6 +25,7 @@ from afd_jax import errors
 from afd_jax import methods
 from afd_jax import optim
 from afd_jax import state as state_lib
+from afd_jax import steps
 from afd_jax import train
 from afd_jax import video
 from afd_jax.models import wan, wan_checkpoint
@@ -68,6 +70,7 @@ def _run(workdir, **overrides):
     ("disc.input", "flow", "disc.input='flow' is not one of"),
     ("afd.disc_lead_steps", 5, "disc_lead_steps=5: the discriminator's head start needs"),
     ("afd.disc_steps", 0, "disc_steps=0 must be an integer >= 1"),
+    ("afd.student_steps", 0, "student_steps=0 must be an integer >= 1"),
     ("afd.group_pairs", "mixed", "group_pairs='mixed' must be 'own'"),
     ("afd.disc_color_jitter", 0.1, "disc_color_jitter=0.1 scales RGB channels, which only pixel"),
     ("afd.exit_step", "first", "exit_step"),
@@ -199,6 +202,39 @@ def test_the_update_ratio_trains_the_discriminator_k_times_and_scores_with_the_f
   gap = lambda name: max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(params_one[name]), jax.tree.leaves(params_two[name])))
   assert gap("student") < 1e-6 and gap("disc") > 0.0
+
+
+def test_student_steps_update_k_times_on_one_rollout_and_move_the_old_policy_once(tmp_path):
+  """``afd.student_steps=2``: the discriminator trains and scores as with one student step, the
+  student takes two optimizer steps on the iteration's rollouts, and the old policy moves once,
+  after them, by DiffusionNFT's decay at the optimizer-step count. Refused outside NFT methods."""
+  runs = {}
+  for k in (1, 2):
+    trainer = train.Trainer(small_config(**{"afd.student_steps": k, "optim.student.lr": 1e-2}),
+                            tmp_path / str(k))   # steps large against float32 rounding
+    old = jax.tree.map(np.array, trainer.state["old"])
+    with jax.set_mesh(trainer.mesh):
+      metrics = trainer._iteration(0, trainer._host_batch(0))
+    student = trainer.state["student"]
+    runs[k] = (metrics, old, jax.tree.map(np.array, student["params"]),
+               jax.tree.map(np.array, trainer.state["old"]),
+               jax.tree.map(np.array, trainer.state["disc"]["params"]),
+               {int(c) for _, c in optax.tree.get_all_with_path(student["opt"], "count")})
+  (one, old0, params_one, _, disc_one, count_one), (two, _, params_two, old_two, disc_two,
+                                                    count_two) = runs[1], runs[2]
+  for key in ("adv/raw_mean", "adv/raw_std", "disc/accuracy", "disc/bt_loss"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
+  gap = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a),
+                                                                     jax.tree.leaves(b)))
+  assert (count_one, count_two) == ({1}, {2})   # Adam's and the schedule's step counts
+  assert gap(disc_one, disc_two) == 0.0 and gap(params_one, params_two) > 0.0
+  eta = float(steps.old_policy_eta(2, small_config().afd.old_decay_type))
+  assert 0.0 < eta < 1.0
+  moved_once = jax.tree.map(lambda o, p: eta * o + (1.0 - eta) * p, old0, params_two)
+  assert gap(old_two, moved_once) < 0.05 * eta * gap(old0, params_two)   # not eta/2, not twice
+  with pytest.raises(errors.UserError, match="student_steps=2 must be an integer >= 1, and 1 "
+                                             "unless the method is one of"):
+    methods.validate(small_config(method="gan", **{"afd.student_steps": 2}))
 
 
 def test_group_rows_are_prompt_major_with_a_teacher_draw_each(tmp_path):
