@@ -118,8 +118,8 @@ def get_config():
                                        # is always the first's pre-update score
   c.afd.student_steps = 1              # NFT updates per iteration on its rollouts (DiffusionNFT's
                                        # inner epochs), each with fresh noise; the old policy
-                                       # moves once, after them. > 1 wants momentum (optim.
-                                       # student.b1): without it the demo's frames go blank
+                                       # moves once, after them. > 1 wants momentum
+                                       # (optim.student.b1): without it the demo's frames go blank
   c.afd.disc_warmup_steps = 10         # afd_frozen_disc: discriminator trains only this long
   c.afd.nft_branches = "both"          # both | positive (reward-weighted FM, no negative branch)
   c.afd.exit_step = "random"           # gan, dmd: the rollout step losses backpropagate through
